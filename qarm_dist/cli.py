@@ -1,0 +1,169 @@
+"""The `qarm` command line: one sub-command per stage, each a thin call of its public function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from qarm_dist.config import ConfigError, QarmConfig, load_config
+from qarm_dist.data.movielens import MovieLensError
+from qarm_dist.engines import set_process_env
+from qarm_dist.io.delta import TableError, Tables, new_run_id
+from qarm_dist.io.schemas import TABLES
+
+log = logging.getLogger("qarm")
+
+
+def _common() -> argparse.ArgumentParser:
+    # SUPPRESS lets these options stand before or after the sub-command.
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument(
+        "--config", default=argparse.SUPPRESS, metavar="FILE", help="YAML config (default: built-in)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=argparse.SUPPRESS,
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set encoder.actors=1 (repeatable)",
+    )
+    p.add_argument(
+        "--root", default=argparse.SUPPRESS, metavar="DIR", help="table root (default ./qarm-data)"
+    )
+    p.add_argument(
+        "--run-id",
+        default=argparse.SUPPRESS,
+        help="job id; re-running an id that committed adds no rows (default: a new id)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="warnings only")
+    return p
+
+
+def _cfg(args: argparse.Namespace) -> QarmConfig:
+    return load_config(
+        getattr(args, "config", None), getattr(args, "overrides", None), getattr(args, "root", None)
+    )
+
+
+def _run_id(args: argparse.Namespace, stage: str) -> str:
+    return getattr(args, "run_id", None) or new_run_id(stage)
+
+
+def _print_commits(results: dict) -> None:
+    for name, r in results.items():
+        state = "already committed, skipped" if r.skipped else f"{r.files} files"
+        print(f"{name}: version {r.version}, {r.rows} rows ({state})")
+
+
+def cmd_world(args: argparse.Namespace) -> None:
+    cfg = _cfg(args)
+    from qarm_dist.data.ingest import write_world
+
+    _print_commits(write_world(cfg, _run_id(args, "world"), emit_embeddings=args.emit_embeddings))
+
+
+def cmd_ingest(args: argparse.Namespace) -> None:
+    cfg = _cfg(args)
+    from qarm_dist.data.ingest import write_movielens
+
+    _print_commits(write_movielens(cfg, args.path, _run_id(args, "ingest")))
+
+
+def cmd_embed(args: argparse.Namespace) -> None:
+    cfg = _cfg(args)
+    from qarm_dist.embed import run_embed
+
+    _print_commits({"item_content_emb": run_embed(cfg, _run_id(args, "embed"), args.items_version)})
+
+
+def cmd_tables(args: argparse.Namespace) -> None:
+    tables = Tables.from_config(_cfg(args))
+    for name in TABLES:
+        if tables.exists(name):
+            s = tables.snapshot(name)
+            dim = f", dim {s.dim}" if s.dim else ""
+            print(f"{name:18s} version {s.version:3d}  {s.rows:>12,d} rows  {len(s.files):5d} files{dim}")
+        else:
+            print(f"{name:18s} (not written yet)")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    overrides = list(getattr(args, "overrides", None) or [])
+    if args.world:
+        overrides.append(f"world.size={args.world}")
+    args.overrides = overrides
+    cfg = _cfg(args)
+    from qarm_dist.demo import run_demo
+
+    run_demo(cfg, _run_id(args, "demo"), movielens=args.movielens)
+    root = Path(cfg.tables.root)
+    print((root / "report.md").read_text())
+    print(f"full report: {root / 'report.json'} and {root / 'report.md'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="qarm",
+        parents=[common],
+        description="QARM semantic IDs on Spark and Ray. Stages read and write Delta tables under --root.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", parents=[common], help="run every stage end to end and write report.{json,md}")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument(
+        "--world", choices=["tiny", "small", "large"], help="generated world size (default: config)"
+    )
+    src.add_argument("--movielens", metavar="PATH", help="a MovieLens-format folder instead of the world")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("world", parents=[common], help="generate the world into items and interactions")
+    p.add_argument(
+        "--emit-embeddings",
+        action="store_true",
+        help="also write item_content_emb straight from the world (scale runs skip the encoder)",
+    )
+    p.set_defaults(func=cmd_world)
+
+    p = sub.add_parser("ingest", parents=[common], help="load a data source into items and interactions")
+    isub = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
+    pm = isub.add_parser(
+        "movielens", parents=[common], help="a MovieLens folder (movies, ratings, tags .csv)"
+    )
+    pm.add_argument("--path", required=True, help="e.g. ../shared/data/ml-latest-small")
+    pm.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("embed", parents=[common], help="encode item text into item_content_emb (Ray Data)")
+    p.add_argument("--items-version", type=int, default=None, help="pin the items table version")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser(
+        "tables", parents=[common], help="list the tables under the root with version and rows"
+    )
+    p.set_defaults(func=cmd_tables)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    set_process_env()
+    args = build_parser().parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        args.func(args)
+    except (ConfigError, TableError, MovieLensError, FileNotFoundError, ValueError) as err:
+        print(f"qarm: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

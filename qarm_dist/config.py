@@ -1,0 +1,144 @@
+"""One validated config for every stage.
+
+The config is data (YAML, validated by pydantic). Every field's default is the
+embedded one-machine setting, so an empty file, or no file, runs the demo; the
+same file with other addresses runs on a cluster. No code branches on "demo".
+
+Overrides: ``--set section.field=value`` (value parsed as YAML, so ``3``,
+``0.5``, ``true`` and ``[1, 2]`` get their types) and ``--root DIR``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the field."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TablesConfig(_Section):
+    root: str = Field("./qarm-data", description="Folder (or s3:// URI) holding every Delta table.")
+    storage_options: dict[str, str] = Field(
+        default_factory=dict, description="deltalake/object-store options (endpoint, keys, region)."
+    )
+    target_file_rows: int = Field(
+        262_144, gt=0, description="Rows per Parquet file a writer aims for; bigger files, fewer commits."
+    )
+
+
+class SparkConfig(_Section):
+    master: str = Field("local[*]", description="Spark master URL, e.g. spark://host:7077.")
+    app_name: str = "qarm"
+    driver_memory: str = "4g"
+    shuffle_partitions: int = Field(8, gt=0)
+    conf: dict[str, str] = Field(default_factory=dict, description="Extra spark.* settings, passed as is.")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="Ray address (ray://, host:port or 'auto'); None = local.")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs for a local Ray; None = all cores.")
+    object_store_memory: int | None = Field(None, gt=0, description="Bytes for a local object store.")
+
+
+class WorldConfig(_Section):
+    """The generated world: sizes come from `size`; any field set here overrides that size."""
+
+    size: Literal["tiny", "small", "large"] = "small"
+    seed: int = 0
+    n_users: int | None = Field(None, gt=0)
+    n_items: int | None = Field(None, gt=0)
+    impressions_per_user: int | None = Field(None, gt=0)
+    mismatch: float = Field(
+        0.4, ge=0.0, le=1.0, description="Share of items whose behaviour topic differs from their text topic."
+    )
+    content_dim: int = Field(64, gt=0, description="Dimension of the content embedding the world emits.")
+    days: int = Field(60, gt=1, description="Days the interactions span; items arrive over them.")
+
+
+class SplitConfig(_Section):
+    eval_fraction: float = Field(
+        0.1,
+        gt=0.0,
+        lt=1.0,
+        description="Share of interactions (latest by time) that form the evaluation window.",
+    )
+
+
+class EncoderConfig(_Section):
+    name: Literal["minilm"] = Field("minilm", description="Registered encoder (qarm_dist.embed.encoders).")
+    batch_size: int = Field(64, gt=0, description="Sentences per forward pass.")
+    actors: int = Field(2, gt=0, description="Ray Data actors running the encoder.")
+    cpus_per_actor: float = Field(
+        0.5, gt=0, description="Below 1 so read/write tasks keep a CPU (ENVIRONMENT.md §6)."
+    )
+    threads_per_actor: int = Field(1, gt=0, description="torch threads per actor; scale with actors.")
+    rows_per_block: int = Field(
+        1024, gt=0, description="Items per Ray Data batch: one actor call and one staged Parquet file."
+    )
+
+
+class QarmConfig(_Section):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU.")
+    tables: TablesConfig = Field(default_factory=TablesConfig)
+    spark: SparkConfig = Field(default_factory=SparkConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    world: WorldConfig = Field(default_factory=WorldConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: '{key}' is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"config field '{field}': {e['msg']}{shown}")
+    return "; ".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, root: str | None = None
+) -> QarmConfig:
+    """Read YAML (optional), apply ``key=value`` overrides and ``root``, validate once."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping, not {type(loaded).__name__}")
+        tree = loaded
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else None)
+    if root is not None:
+        _set_dotted(tree, "tables.root", root)
+    try:
+        return QarmConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err)) from None

@@ -1,0 +1,98 @@
+"""Spark and Ray, started the same way everywhere.
+
+Local by default (Spark ``local[*]``, an in-process Ray), bound to 127.0.0.1;
+a cluster address in the config is all it takes to run elsewhere. The
+environment variables below must be set in every process that starts or joins
+Ray or Spark (ENVIRONMENT.md §0, §4): Ray otherwise binds the host's interface
+address, and Ray 2.60 otherwise turns on token auth.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
+
+    from qarm_dist.config import QarmConfig
+
+LOCAL_ENV = {
+    "SPARK_LOCAL_IP": "127.0.0.1",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_DISABLE_USAGE_STATS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def set_process_env() -> None:
+    """Set the loopback/offline variables unless the caller already chose otherwise."""
+    for key, value in LOCAL_ENV.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+
+
+def spark_session(cfg: QarmConfig) -> SparkSession:
+    """The Spark session for this process: ``cfg.spark.master``, Arrow on, quiet logs."""
+    set_process_env()
+    from pyspark.sql import SparkSession
+
+    sc = cfg.spark
+    builder = (
+        SparkSession.builder.master(sc.master)
+        .appName(sc.app_name)
+        .config("spark.driver.memory", sc.driver_memory)
+        .config("spark.sql.shuffle.partitions", str(sc.shuffle_partitions))
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.ui.enabled", "false")
+        .config("spark.log.level", "WARN")
+        .config("spark.executorEnv.PYSPARK_PYTHON", os.environ["PYSPARK_PYTHON"])
+    )
+    if sc.master.startswith("local"):
+        builder = builder.config("spark.driver.host", "127.0.0.1").config(
+            "spark.driver.bindAddress", "127.0.0.1"
+        )
+    for key, value in sc.conf.items():
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
+    session.sparkContext.setLogLevel("WARN")
+    return session
+
+
+def ray_init(cfg: QarmConfig) -> None:
+    """Connect to ``cfg.ray.address`` or start a local Ray on 127.0.0.1 (idempotent)."""
+    set_process_env()
+    import ray
+
+    if ray.is_initialized():
+        return
+    rc = cfg.ray
+    if rc.address:
+        ray.init(address=rc.address, log_to_driver=True)
+        return
+    ray.init(
+        num_cpus=rc.num_cpus,
+        object_store_memory=rc.object_store_memory,
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level="WARNING",
+    )
+
+
+def torch_device(cfg: QarmConfig) -> str:
+    """'cuda' when asked for or (auto) present, else 'cpu'. Hardware is found, not assumed."""
+    import torch
+
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("config device=cuda but torch finds no CUDA device")
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.device

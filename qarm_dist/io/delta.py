@@ -1,0 +1,526 @@
+"""Delta tables: validated staged writes, one atomic commit, streamed reads.
+
+How a job writes (the same on one machine and on a cluster):
+
+1. Wherever the data is (the driver, a Spark task, a Ray Data actor), call
+   `stage(...)` per batch: it validates the rows, writes one Parquet file
+   inside the table folder and returns a small `StagedFile` record.
+2. The driver gathers those records (a few hundred bytes per file) and calls
+   `Tables.commit(...)`: it checks the files, checks key uniqueness by
+   streaming only the key columns, and commits every file in ONE Delta
+   transaction tagged with the run id (a Delta app transaction).
+
+So a failed job commits nothing (its staged files are never referenced by
+the log, and are deleted on a clean failure), and a re-run of the same run
+id commits nothing twice. deltalake's own readers (`to_pyarrow_*`,
+`to_pandas`) can abort the process at exit, so every read goes through the
+file list of a snapshot, here and only here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from deltalake import CommitProperties, DeltaTable, Transaction
+from deltalake.exceptions import TableNotFoundError
+from deltalake.transaction import AddAction
+
+from qarm_dist.io.schemas import TableSpec, spec
+
+if TYPE_CHECKING:  # engines are optional at import time
+    import ray.data
+    from pyspark.sql import DataFrame, SparkSession
+
+DIM_KEY = "qarm.dim"
+#: key hashes held in memory at once by the duplicate check (8 bytes each)
+_HASHES_PER_PASS = 32_000_000
+
+
+class TableError(ValueError):
+    """Bad rows or a bad table; names the table, the column and how many rows."""
+
+    def __init__(self, table: str, column: str | None, bad_rows: int, total_rows: int, problem: str):
+        self.table, self.column, self.bad_rows, self.total_rows = table, column, bad_rows, total_rows
+        where = f"table '{table}'" + (f", column '{column}'" if column else "")
+        super().__init__(
+            f"{where}: {bad_rows} of {total_rows} rows {problem}; nothing was committed "
+            f"(the table stays at its previous version)"
+        )
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _emb_dim_problems(name: str, col: pa.ChunkedArray | pa.Array, dim: int) -> tuple[int, str] | None:
+    """Count rows of a list<float> column that are null, of the wrong length or not finite."""
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    if pa.types.is_fixed_size_list(arr.type) and arr.type.list_size != dim:
+        return len(arr), f"have dimension {arr.type.list_size}, the table's is {dim}"
+    if not (
+        pa.types.is_list(arr.type)
+        or pa.types.is_large_list(arr.type)
+        or pa.types.is_fixed_size_list(arr.type)
+    ):
+        return len(arr), f"are {arr.type}, expected a list of float32 of length {dim}"
+    nulls = arr.null_count
+    if nulls:
+        return nulls, "have a null embedding"
+    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False)
+    wrong = int((lengths != dim).sum())
+    if wrong:
+        return wrong, f"have an embedding length other than {dim}"
+    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    bad_values = ~np.isfinite(flat)
+    if bad_values.any():
+        rows = np.unique(np.nonzero(bad_values)[0] // dim)
+        return len(rows), "have NaN or infinite values"
+    return None
+
+
+def validate(table_spec: TableSpec, data: pa.Table | pa.RecordBatch, dim: int | None = None) -> pa.Table:
+    """Check rows against the spec and return them cast to its exact schema.
+
+    Raises `TableError` for the first column with bad rows. Duplicate keys are
+    checked at commit time, across every staged file.
+    """
+    t = pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
+    n, name = t.num_rows, table_spec.name
+    missing = [c for c in table_spec.columns if c not in t.column_names]
+    if missing:
+        raise TableError(
+            name, missing[0], n, n, f"lack column '{missing[0]}' (expected {table_spec.columns})"
+        )
+    if table_spec.emb_columns and dim is None:
+        raise ValueError(f"table {name}: writing embeddings needs their dimension")
+    target = table_spec.schema(dim)
+    cols = []
+    for f in target:
+        col = t.column(f.name)
+        if col.null_count and not f.nullable:
+            raise TableError(name, f.name, col.null_count, n, "are null")
+        if f.name in table_spec.emb_columns:
+            problem = _emb_dim_problems(name, col, dim)  # type: ignore[arg-type]
+            if problem:
+                raise TableError(name, f.name, problem[0], n, problem[1])
+            flat = pc.list_flatten(col.combine_chunks()).cast(pa.float32())
+            col = pa.FixedSizeListArray.from_arrays(flat, dim)
+        else:
+            try:
+                col = col.cast(f.type, safe=True)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise TableError(name, f.name, n, n, f"are {col.type}, not convertible to {f.type}") from None
+        if f.name in table_spec.labels:
+            bad = n - int(pc.sum(pc.is_in(col, pa.array([0, 1], f.type))).as_py() or 0)
+            if bad:
+                raise TableError(name, f.name, bad, n, "have a label outside {0, 1}")
+        cols.append(col)
+    return pa.Table.from_arrays(cols, schema=target)
+
+
+# ------------------------------------------------------------------- staging
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """A Parquet file written inside a table folder, not yet in the Delta log."""
+
+    path: str  # relative to the table folder
+    size: int
+    mtime_ms: int
+    rows: int
+    stats: str  # Delta stats JSON; numRecords is what dt.count() relies on
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _filesystem(uri: str, storage_options: dict[str, str] | None) -> tuple[pafs.FileSystem, str]:
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    return pafs.FileSystem.from_uri(uri)
+
+
+def _stats(t: pa.Table) -> str:
+    mins, maxs = {}, {}
+    for f in t.schema:
+        if pa.types.is_integer(f.type) or pa.types.is_floating(f.type) or pa.types.is_date(f.type):
+            mm = pc.min_max(t.column(f.name))
+            if mm["min"].is_valid:
+                mins[f.name], maxs[f.name] = mm["min"].as_py(), mm["max"].as_py()
+    for d in (mins, maxs):
+        for k, v in d.items():
+            if hasattr(v, "isoformat"):
+                d[k] = v.isoformat()
+    nulls = {f.name: t.column(f.name).null_count for f in t.schema}
+    return json.dumps({"numRecords": t.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls})
+
+
+def stage(
+    table_uri: str,
+    table_spec: TableSpec,
+    data: pa.Table | pa.RecordBatch,
+    run_id: str,
+    dim: int | None = None,
+    storage_options: dict[str, str] | None = None,
+) -> StagedFile:
+    """Validate ``data`` and write it as one Parquet file inside the table folder.
+
+    Safe to call from any process that can reach the table folder. The file is
+    invisible to readers until the driver commits it.
+    """
+    t = validate(table_spec, data, dim)
+    fs, base = _filesystem(table_uri, storage_options)
+    rel = f"part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
+    fs.create_dir(base, recursive=True)
+    full = f"{base}/{rel}"
+    pq.write_table(t, full, filesystem=fs, compression="zstd")
+    info = fs.get_file_info(full)
+    mtime = info.mtime.timestamp() if info.mtime else time.time()
+    return StagedFile(rel, int(info.size), int(mtime * 1000), t.num_rows, _stats(t))
+
+
+# ------------------------------------------------------------------- tables
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A pinned version of a table: what every reader reads."""
+
+    name: str
+    uri: str
+    version: int
+    files: list[str]
+    dim: int | None
+    rows: int
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    table: str
+    version: int
+    rows: int
+    files: int
+    skipped: bool  # True when this run id had already committed to the table
+
+
+class Tables:
+    """The tables under one root (a folder or an object-store URI)."""
+
+    def __init__(self, root: str, storage_options: dict[str, str] | None = None):
+        self.root = root if "://" in root else os.path.abspath(root)
+        self.storage_options = dict(storage_options or {})
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> Tables:
+        return cls(cfg.tables.root, cfg.tables.storage_options)
+
+    # -- metadata
+    def uri(self, name: str) -> str:
+        spec(name)  # unknown names fail early
+        return f"{self.root.rstrip('/')}/{name}"
+
+    def _open(self, name: str, version: int | None = None) -> DeltaTable | None:
+        try:
+            return DeltaTable(self.uri(name), version=version, storage_options=self.storage_options or None)
+        except TableNotFoundError:
+            return None
+
+    def exists(self, name: str) -> bool:
+        return DeltaTable.is_deltatable(self.uri(name), storage_options=self.storage_options or None)
+
+    def version(self, name: str) -> int | None:
+        dt = self._open(name)
+        return None if dt is None else dt.version()
+
+    def snapshot(self, name: str, version: int | None = None) -> Snapshot:
+        dt = self._open(name, version)
+        if dt is None:
+            raise FileNotFoundError(
+                f"table '{name}' does not exist under {self.root}; run the stage that writes it"
+            )
+        dim = self._check_schema(name, dt)
+        return Snapshot(name, self.uri(name), dt.version(), dt.file_uris(), dim, dt.count())
+
+    def _check_schema(self, name: str, dt: DeltaTable) -> int | None:
+        """Validate on read: the stored schema must carry the spec's columns and types."""
+        table_spec = spec(name)
+        stored = pa.schema(dt.schema().to_arrow())
+        dim = None
+        for f in table_spec.schema(1) if table_spec.emb_columns else table_spec.schema():
+            if f.name not in stored.names:
+                raise TableError(
+                    name, f.name, dt.count(), dt.count(), "are missing this column in the stored table"
+                )
+            got = stored.field(f.name)
+            if f.name in table_spec.emb_columns:
+                meta = got.metadata or {}
+                raw = meta.get(DIM_KEY.encode()) or meta.get(DIM_KEY)
+                if raw is None:
+                    raise TableError(name, f.name, dt.count(), dt.count(), "have no declared dimension")
+                dim = int(raw)
+                continue
+            want = f.type
+            if pa.types.is_list(want):
+                ok = pa.types.is_list(got.type) and got.type.value_type == want.value_type
+            else:
+                ok = got.type == want
+            if not ok:
+                raise TableError(
+                    name, f.name, dt.count(), dt.count(), f"are stored as {got.type}, expected {want}"
+                )
+        return dim
+
+    def dim(self, name: str) -> int | None:
+        return self.snapshot(name).dim
+
+    # -- reads (all through the snapshot's file list)
+    def read_batches(
+        self,
+        name: str,
+        version: int | None = None,
+        columns: list[str] | None = None,
+        batch_rows: int = 65_536,
+        snapshot: Snapshot | None = None,
+    ) -> Iterator[pa.RecordBatch]:
+        """Stream a table version as record batches in the spec's schema."""
+        snap = snapshot or self.snapshot(name, version)
+        target = spec(name).schema(snap.dim) if spec(name).emb_columns else spec(name).schema()
+        if columns is not None:
+            target = pa.schema([target.field(c) for c in columns])
+        for uri in snap.files:
+            fs, path = _filesystem(uri, self.storage_options)
+            with fs.open_input_file(path) as fh:
+                pf = pq.ParquetFile(fh)
+                for rb in pf.iter_batches(batch_size=batch_rows, columns=target.names):
+                    yield rb.cast(target)
+
+    def spark(
+        self, session: SparkSession, name: str, version: int | None = None, columns: list[str] | None = None
+    ) -> DataFrame:
+        """A Spark DataFrame over a pinned snapshot (no delta-spark jars needed)."""
+        from pyspark.sql.pandas.types import from_arrow_schema
+
+        snap = self.snapshot(name, version)
+        target = spec(name).schema(snap.dim) if spec(name).emb_columns else spec(name).schema()
+        if snap.files:
+            df = session.read.parquet(*snap.files)
+        else:
+            df = session.createDataFrame([], from_arrow_schema(target))
+        return df.select(*(columns or target.names))
+
+    def ray(
+        self, name: str, version: int | None = None, columns: list[str] | None = None
+    ) -> ray.data.Dataset:
+        """A Ray Dataset over a pinned snapshot."""
+        import ray.data
+
+        snap = self.snapshot(name, version)
+        target = spec(name).schema(snap.dim) if spec(name).emb_columns else spec(name).schema()
+        if not snap.files:
+            empty = target.empty_table()
+            return ray.data.from_arrow(empty.select(columns) if columns else empty)
+        return ray.data.read_parquet(snap.files, columns=columns or target.names)
+
+    # -- writes
+    def writer(
+        self, name: str, run_id: str, dim: int | None = None, target_rows: int = 262_144
+    ) -> TableWriter:
+        return TableWriter(self, name, run_id, dim, target_rows)
+
+    def committed(self, name: str, run_id: str) -> bool:
+        dt = self._open(name)
+        return dt is not None and dt.transaction_version(run_id) is not None
+
+    def commit(
+        self,
+        name: str,
+        staged: Iterable[StagedFile | dict[str, Any]],
+        run_id: str,
+        mode: str = "append",
+        dim: int | None = None,
+        info: dict[str, Any] | None = None,
+    ) -> CommitResult:
+        """Commit staged files as one new version, once per run id.
+
+        On any failure the staged files are deleted and the table keeps its
+        version. A run id that already committed here commits nothing again.
+        """
+        if mode not in ("append", "overwrite"):
+            raise ValueError(f"mode must be 'append' or 'overwrite', not {mode!r}")
+        files = [s if isinstance(s, StagedFile) else StagedFile(**s) for s in staged]
+        table_spec = spec(name)
+        dt = self._open(name)
+        if dt is not None and dt.transaction_version(run_id) is not None:
+            self._discard(name, files)
+            snap = self.snapshot(name)
+            return CommitResult(name, snap.version, snap.rows, len(snap.files), skipped=True)
+        try:
+            if table_spec.emb_columns:
+                stored_dim = None if dt is None else self._check_schema(name, dt)
+                if dim is None:
+                    raise ValueError(f"table {name}: commit needs the embedding dimension")
+                if stored_dim is not None and stored_dim != dim:
+                    rows = sum(f.rows for f in files)
+                    raise TableError(
+                        name,
+                        table_spec.emb_columns[0],
+                        rows,
+                        rows,
+                        f"have dimension {dim}, the table's is {stored_dim} (write a new table root or overwrite)",
+                    )
+            target = table_spec.schema(dim) if table_spec.emb_columns else table_spec.schema()
+            self._check_files(name, files, target)
+            if table_spec.key:
+                existing = dt.file_uris() if (dt is not None and mode == "append") else []
+                self._check_unique(name, table_spec.key, existing, files)
+            if dt is None:
+                dt = DeltaTable.create(
+                    self.uri(name),
+                    self._delta_schema(target, table_spec),
+                    mode="ignore",
+                    name=name,
+                    description=table_spec.doc,
+                    storage_options=self.storage_options or None,
+                )
+            props = CommitProperties(
+                app_transactions=[Transaction(app_id=run_id, version=1)],
+                custom_metadata={"qarm.run_id": run_id, "qarm.info": json.dumps(info or {})},
+            )
+            adds = [AddAction(f.path, f.size, {}, f.mtime_ms, True, f.stats) for f in files]
+            dt.create_write_transaction(adds, mode=mode, schema=dt.schema(), commit_properties=props)
+        except BaseException:
+            self._discard(name, files)
+            raise
+        snap = self.snapshot(name)
+        return CommitResult(name, snap.version, snap.rows, len(files), skipped=False)
+
+    @staticmethod
+    def _delta_schema(target: pa.Schema, table_spec: TableSpec) -> pa.Schema:
+        fields = []
+        for f in target:
+            if f.name in table_spec.emb_columns:
+                f = f.with_metadata({DIM_KEY: str(f.type.list_size)})
+            fields.append(f)
+        return pa.schema(fields)
+
+    def _check_files(self, name: str, files: list[StagedFile], target: pa.Schema) -> None:
+        base = self.uri(name)
+        fs, root = _filesystem(base, self.storage_options)
+        for f in files:
+            full = f"{root}/{f.path}"
+            if fs.get_file_info(full).type != pafs.FileType.File:
+                raise FileNotFoundError(
+                    f"table '{name}': staged file {f.path} is missing; nothing was committed"
+                )
+            with fs.open_input_file(full) as fh:
+                got = pq.read_schema(fh)
+            if not got.remove_metadata().equals(target.remove_metadata()):
+                raise TableError(
+                    name, None, f.rows, f.rows, f"in {f.path} do not have the table's schema ({got})"
+                )
+
+    def _check_unique(
+        self, name: str, key: tuple[str, ...], existing: list[str], files: list[StagedFile]
+    ) -> None:
+        """Stream key columns, hash them, and count rows whose key occurs twice.
+
+        Memory stays bounded: with more keys than one pass holds, the hashes are
+        split by bucket and the files are read once per bucket.
+        """
+        base = self.uri(name)
+        uris = list(existing) + [f"{base}/{f.path}" for f in files]
+        total = sum(f.rows for f in files) + (self.snapshot(name).rows if existing else 0)
+        n_pass = max(1, math.ceil(total / _HASHES_PER_PASS))
+        dup_rows = 0
+        for bucket in range(n_pass):
+            parts = []
+            for uri in uris:
+                fs, path = _filesystem(uri, self.storage_options)
+                with fs.open_input_file(path) as fh:
+                    for rb in pq.ParquetFile(fh).iter_batches(batch_size=1 << 20, columns=list(key)):
+                        h = pd.util.hash_pandas_object(rb.to_pandas(), index=False).to_numpy()
+                        parts.append(h[h % n_pass == bucket] if n_pass > 1 else h)
+            if parts:
+                _, counts = np.unique(np.concatenate(parts), return_counts=True)
+                dup_rows += int(counts[counts > 1].sum())
+        if dup_rows:
+            raise TableError(name, ",".join(key), dup_rows, total, "share their key with another row")
+
+    def _discard(self, name: str, files: list[StagedFile]) -> None:
+        fs, root = _filesystem(self.uri(name), self.storage_options)
+        for f in files:
+            with contextlib.suppress(FileNotFoundError, OSError):
+                fs.delete_file(f"{root}/{f.path}")
+
+
+class TableWriter:
+    """Stage rows from one process in files of about ``target_rows``, then commit once.
+
+    For writes that stream through the driver (ingest, the generated world);
+    distributed stages call `stage` in their tasks and `Tables.commit` here.
+    """
+
+    def __init__(self, tables: Tables, name: str, run_id: str, dim: int | None, target_rows: int):
+        self.tables, self.name, self.run_id, self.dim = tables, name, run_id, dim
+        self.target_rows = target_rows
+        self.staged: list[StagedFile] = []
+        self._buf: list[pa.Table] = []
+        self._buf_rows = 0
+
+    def write(self, data: pa.Table | pa.RecordBatch) -> None:
+        t = pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
+        self._buf.append(t)
+        self._buf_rows += t.num_rows
+        if self._buf_rows >= self.target_rows:
+            try:
+                self._flush()
+            except BaseException:
+                self.abort()
+                raise
+
+    def _flush(self) -> None:
+        if not self._buf_rows:
+            return
+        t = pa.concat_tables(self._buf, promote_options="permissive")
+        self._buf, self._buf_rows = [], 0
+        self.staged.append(
+            stage(
+                self.tables.uri(self.name),
+                spec(self.name),
+                t,
+                self.run_id,
+                self.dim,
+                self.tables.storage_options,
+            )
+        )
+
+    def commit(self, mode: str = "append", info: dict[str, Any] | None = None) -> CommitResult:
+        try:
+            self._flush()
+        except BaseException:
+            self.abort()
+            raise
+        return self.tables.commit(self.name, self.staged, self.run_id, mode=mode, dim=self.dim, info=info)
+
+    def abort(self) -> None:
+        self.tables._discard(self.name, self.staged)
+        self.staged, self._buf, self._buf_rows = [], [], 0
+
+
+def new_run_id(stage: str) -> str:
+    """A fresh run id: ``<stage>-<UTC time>-<random>``. Pass your own to make a job idempotent."""
+    return f"{stage}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"

@@ -1,0 +1,65 @@
+"""`qarm demo --world tiny` through the installed console script, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+QARM = str(Path(sys.executable).parent / "qarm")
+
+
+def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([QARM, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_demo_tiny_end_to_end(tmp_path):
+    root = tmp_path / "demo"
+    p = run(
+        "demo",
+        "--world",
+        "tiny",
+        "--root",
+        str(root),
+        "--set",
+        "encoder.actors=1",
+        "--set",
+        "encoder.cpus_per_actor=1",
+        "--run-id",
+        "demo-t",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads((root / "report.json").read_text())
+    assert {"dataset", "tables"} <= set(report)
+    d = report["dataset"]
+    assert d["catalogue_items"] == 600 and d["users"] == 400
+    assert d["train"]["rows"] + d["eval"]["rows"] == d["rows"]
+    assert d["eval"]["cold_rows"] > 0 and d["popularity"]["train_top1pct_share"] > 0.1
+    assert report["tables"]["item_content_emb"]["rows"] == 600
+    assert report["tables"]["interactions"]["rows"] == d["rows"]
+    md = (root / "report.md").read_text()
+    assert (
+        "## Dataset" in md and "## Tables" in md and (root / "plots" / "popularity.png").stat().st_size > 1000
+    )
+
+    listed = run("tables", "--root", str(root))
+    assert listed.returncode == 0 and "item_content_emb" in listed.stdout and "dim 384" in listed.stdout
+
+
+def test_cli_errors_are_one_clear_line(tmp_path):
+    p = run("tables", "--set", "world.sise=3")
+    assert p.returncode == 2 and "config field 'world.sise'" in p.stderr
+    p = run("ingest", "movielens", "--path", str(tmp_path), "--root", str(tmp_path / "r"))
+    assert p.returncode == 2 and "is not a MovieLens folder" in p.stderr
+    assert not (tmp_path / "r").exists()
+    p = run("embed", "--root", str(tmp_path / "r"))
+    assert p.returncode == 2 and "table 'items' does not exist" in p.stderr
+    h = run("--help")
+    assert all(c in h.stdout for c in ("demo", "world", "ingest", "embed", "tables"))
