@@ -64,3 +64,11 @@ def test_embed_refuses_an_empty_items_table(ray_local, tiny_cfg):
     with pytest.raises(ValueError, match="table 'items' .* has 0 rows"):
         run_embed(tiny_cfg, "emb-empty")
     assert not t.exists("item_content_emb")
+
+
+def test_a_layout_that_would_starve_ray_data_is_refused(ray_local, tiny_cfg):
+    write_world(tiny_cfg, "w")
+    cfg = tiny_cfg.model_copy(update={"encoder": tiny_cfg.encoder.model_copy(update={"actors": 2})})
+    with pytest.raises(ValueError, match="2 x 1.0 holds 2 of the cluster's 2 CPUs"):
+        run_embed(cfg, "emb-starved")
+    assert not Tables(tiny_cfg.tables.root).exists("item_content_emb")

@@ -53,6 +53,20 @@ class _EmbedAndStage:
         return pa.Table.from_pylist([staged.to_dict()])
 
 
+def _check_cpu_budget(actors: int, cpus_per_actor: float) -> None:
+    """Refuse a layout that would hang: actors holding every CPU starve Ray Data's read tasks."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0.0)
+    held = actors * cpus_per_actor
+    if total - held < 1.0:
+        raise ValueError(
+            f"encoder.actors x encoder.cpus_per_actor = {actors} x {cpus_per_actor} holds {held:g} of the "
+            f"cluster's {total:g} CPUs, leaving less than 1 for Ray Data's read and write tasks (the pipeline "
+            "would hang); lower encoder.actors or encoder.cpus_per_actor"
+        )
+
+
 def run_embed(cfg: QarmConfig, run_id: str, items_version: int | None = None) -> CommitResult:
     """Encode all items of ``items`` (pinned to ``items_version``) and commit `item_content_emb`."""
     import ray.data
@@ -67,6 +81,7 @@ def run_embed(cfg: QarmConfig, run_id: str, items_version: int | None = None) ->
     ray_init(cfg)
     device = torch_device(cfg)
     ec = cfg.encoder
+    _check_cpu_budget(ec.actors, ec.cpus_per_actor)
     log.info("embedding %d items with %s on %s (%d actors)", snap.rows, ec.name, device, ec.actors)
     ctor: dict[str, Any] = {
         "encoder": ec.name,
