@@ -79,6 +79,18 @@ def cmd_embed(args: argparse.Namespace) -> None:
     _print_commits({"item_content_emb": run_embed(cfg, _run_id(args, "embed"), args.items_version)})
 
 
+def cmd_pairs(args: argparse.Namespace) -> None:
+    cfg = _cfg(args)
+    from qarm_dist.pairs import run_pairs
+
+    result, section = run_pairs(cfg, _run_id(args, "pairs"))
+    _print_commits({"item_pairs": result})
+    print(
+        f"i2i {section['i2i']}, u2i {section['u2i']}, heldout {section['heldout']}; "
+        f"judge '{section['judge']}' rejected {section['judge_rejected']}"
+    )
+
+
 def cmd_tables(args: argparse.Namespace) -> None:
     tables = Tables.from_config(_cfg(args))
     for name in TABLES:

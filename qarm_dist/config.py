@@ -89,6 +89,43 @@ class EncoderConfig(_Section):
     )
 
 
+class PairsConfig(_Section):
+    """`qarm pairs`: behaviour pairs for alignment (QARM's pre-order alignment data)."""
+
+    positive: Literal["click", "like"] = Field("like", description="Which interactions count as positive.")
+    seed: int = Field(0, description="Seed of every deterministic sample (caps, down-sampling, ALS).")
+    # Swing I2I
+    swing_alpha: float = Field(1.0, gt=0, description="Swing's smoothing: 1 / (alpha + |I_u & I_v|).")
+    swing_user_weight: bool = Field(True, description="Weight each user by 1/sqrt(|I_u|).")
+    max_items_per_user: int = Field(
+        100, gt=1, description="Swing cap: items kept per user (sampled by seed)."
+    )
+    max_users_per_item: int = Field(
+        300, gt=1, description="Swing cap: users kept per item (sampled by seed)."
+    )
+    swing_top_n: int = Field(20, gt=0, description="Partners kept per item, best Swing score first.")
+    swing_min_support: int = Field(2, gt=0, description="User pairs that must back an item pair.")
+    # U2I triggers
+    als_rank: int = Field(32, gt=0)
+    als_iters: int = Field(10, gt=0)
+    als_reg: float = Field(0.05, ge=0)
+    als_alpha: float = Field(10.0, gt=0, description="ALS implicit-feedback confidence scale.")
+    history: int = Field(50, gt=0, description="U2I: the trigger is chosen among this many latest positives.")
+    # popularity control
+    max_pairs_per_item: int = Field(50, gt=0, description="Pairs (per source) any one item may appear in.")
+    popular_quantile: float = Field(
+        0.95, gt=0, lt=1, description="Items above this popularity quantile count as very popular."
+    )
+    popular_power: float = Field(
+        0.5, ge=0, description="Keep a pair of a very popular item with prob (threshold/popularity)^power."
+    )
+    # judge (QARM V2)
+    judge: Literal["content", "none"] = Field("content", description="PairJudge applied to candidates.")
+    judge_min_cosine: float = Field(
+        0.0, ge=-1, le=1, description="Content judge: reject pairs whose content cosine is below this."
+    )
+
+
 class QarmConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU.")
     tables: TablesConfig = Field(default_factory=TablesConfig)
@@ -97,6 +134,7 @@ class QarmConfig(_Section):
     world: WorldConfig = Field(default_factory=WorldConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -17,6 +17,7 @@ from qarm_dist.data.summary import dataset_summary
 from qarm_dist.embed import run_embed
 from qarm_dist.engines import spark_session
 from qarm_dist.io.delta import Tables
+from qarm_dist.pairs import run_pairs
 from qarm_dist.report import tables_section, write_report
 
 log = logging.getLogger(__name__)
@@ -31,20 +32,23 @@ def run_demo(cfg: QarmConfig, run_id: str, movielens: str | None = None) -> dict
     if "://" in tables.root:
         raise ValueError("qarm demo writes its report next to the tables: give a local --root")
     if movielens:
-        log.info("[1/3] ingest MovieLens from %s", movielens)
+        log.info("[1/4] ingest MovieLens from %s", movielens)
         write_movielens(cfg, movielens, run_id)
         name = f"movielens ({Path(movielens).name})"
     else:
-        log.info("[1/3] generate the %s world (seed %d)", cfg.world.size, cfg.world.seed)
+        log.info("[1/4] generate the %s world (seed %d)", cfg.world.size, cfg.world.seed)
         write_world(cfg, run_id)
         name = f"world:{cfg.world.size} (seed {cfg.world.seed})"
-    log.info("[2/3] embed item text with %s", cfg.encoder.name)
+    log.info("[2/4] embed item text with %s", cfg.encoder.name)
     run_embed(cfg, run_id)
-    log.info("[3/3] summarise and write the report")
+    log.info("[3/4] build item pairs")
+    _, pairs = run_pairs(cfg, run_id)
+    log.info("[4/4] summarise and write the report")
     spark = spark_session(cfg)
     report: dict[str, Any] = {
         "run_id": run_id,
         "dataset": dataset_summary(spark, tables, tables_eval_start(tables, cfg.split.eval_fraction), name),
+        "pairs": pairs,
     }
     report["tables"] = tables_section(tables)
     json_path, md_path = write_report(report, tables.root)

@@ -72,6 +72,46 @@ def _dataset_md(d: dict[str, Any], plots: Path) -> list[str]:
     return lines
 
 
+def _pairs_plot(p: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for key, colour in (("before", "#bbbbbb"), ("after", "#4477aa")):
+        hist = p["popularity"].get(key, [])
+        ax.plot(
+            [2**b for b, _ in hist], [s for _, s in hist], marker="o", color=colour, label=f"{key} control"
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("popularity of a pair's item (train positives, log2 bins)")
+    ax.set_ylabel("share of pair endpoints")
+    ax.set_title("pair items by popularity")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _pairs_md(p: dict[str, Any], plots: Path) -> list[str]:
+    _pairs_plot(p, plots / "pairs_popularity.png")
+    rej = ", ".join(f"{s}: {100 * r:.1f} %" for s, r in sorted(p["judge_rejected"].items()))
+    sw = p.get("swing", {})
+    return [
+        "## Pairs",
+        "",
+        f"{p['i2i']} I2I (Swing) and {p['u2i']} U2I pairs; {p['heldout']} of them held out "
+        f"(from interactions in the eval window, for alignment evaluation).",
+        f"Judge `{p['judge']}` rejected {rej or 'nothing'} of the candidates.",
+        f"Swing caps kept {sw.get('after_caps')} of {sw.get('positives')} train positives "
+        f"({sw.get('max_items_per_user')} items per user, {sw.get('max_users_per_item')} users per item).",
+        "",
+        "![pair popularity](plots/pairs_popularity.png)",
+        "",
+    ]
+
+
 def _tables_md(t: dict[str, dict[str, int]]) -> list[str]:
     return [
         "## Tables",
@@ -83,7 +123,7 @@ def _tables_md(t: dict[str, dict[str, int]]) -> list[str]:
     ]
 
 
-_RENDERERS = {"dataset": _dataset_md, "tables": lambda t, _: _tables_md(t)}
+_RENDERERS = {"dataset": _dataset_md, "pairs": _pairs_md, "tables": lambda t, _: _tables_md(t)}
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:

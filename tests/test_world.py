@@ -90,3 +90,8 @@ def test_named_sizes_and_bad_size():
     assert World.named("tiny", n_items=50).n_items == 50
     with pytest.raises(ValueError, match="unknown world size"):
         World.named("huge")
+
+
+def test_popularity_cdf_is_built_chunk_by_chunk(tiny):
+    full = np.cumsum(tiny.popularity(np.arange(tiny.n_items)))
+    np.testing.assert_allclose(tiny._popularity_cdf(chunk_rows=7), full, rtol=1e-12)

@@ -374,15 +374,28 @@ class World:
         behaviour = np.where(mismatched, (content + shift) % t, content)
         noise = tab["behaviour_noise"][(_mix(ids, s + 4) % np.uint64(_N_NOISE)).astype(np.int64)]
         factor = _normalize(tab["behaviour_proto"][behaviour] + 0.45 * noise)
-        u = np.clip(_uniform(ids, s + 5), 1e-9, 1.0)
-        popularity = np.minimum(u ** (-1.0 / self.pareto_shape), 1e4)
         return {
             "content_topic": content,
             "behaviour_topic": behaviour,
             "mismatched": mismatched,
             "factor": factor,
-            "popularity": popularity,
+            "popularity": self.popularity(ids),
         }
+
+    def popularity(self, ids: np.ndarray) -> np.ndarray:
+        """Pareto weight of each item: how often it is drawn as a candidate."""
+        u = np.clip(_uniform(np.asarray(ids, dtype=np.int64), self.seed * 1000 + 5), 1e-9, 1.0)
+        return np.minimum(u ** (-1.0 / self.pareto_shape), 1e4)
+
+    def _popularity_cdf(self, chunk_rows: int = 1_000_000) -> np.ndarray:
+        """Cumulative popularity over item ids: 8 bytes per item, built a chunk at a time."""
+        cdf = np.empty(self.n_items, dtype=np.float64)
+        total = 0.0
+        for start in range(0, self.n_items, chunk_rows):
+            stop = min(start + chunk_rows, self.n_items)
+            part = np.cumsum(self.popularity(np.arange(start, stop))) + total
+            cdf[start:stop], total = part, part[-1]
+        return cdf
 
     def _word_index(self, ids: np.ndarray, content: np.ndarray) -> np.ndarray:
         """Three distinct words of the item's content topic, as indices into the word list."""
@@ -464,8 +477,7 @@ class World:
         via Gumbel-max); click and like then follow the affinity of the picked
         item.
         """
-        pop = self.item_truth(np.arange(self.n_items))["popularity"]
-        cdf = np.cumsum(pop)
+        cdf = self._popularity_cdf()
         for start in range(0, self.n_users, users_per_chunk):
             users = np.arange(start, min(start + users_per_chunk, self.n_users), dtype=np.int64)
             rng = np.random.default_rng([self.seed, 7, start])

@@ -1,0 +1,1 @@
+"""Semantic-ID codebooks: residual K-means, FSQ, VQ codes."""
