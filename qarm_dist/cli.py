@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -91,6 +92,38 @@ def cmd_pairs(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_codebook(args: argparse.Namespace) -> None:
+    overrides = list(getattr(args, "overrides", None) or [])
+    for flag, key in (("levels", "levels"), ("k", "k"), ("iters", "iters"), ("seed", "seed")):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"codebook.{key}={getattr(args, flag)}")
+    if getattr(args, "fsq_levels", None):
+        dims = args.fsq_dims or len(args.fsq_levels)
+        levels = args.fsq_levels * dims if len(args.fsq_levels) == 1 else args.fsq_levels
+        if len(levels) != dims:
+            raise ValueError(f"--fsq-dims {dims} needs one --fsq-levels value or {dims} of them")
+        overrides.append(f"codebook.fsq_levels={levels}")
+    args.overrides = overrides
+    cfg = _cfg(args)
+    from qarm_dist.codebook import stage
+
+    if args.action == "fit":
+        result, cb = stage.run_fit(cfg, _run_id(args, "codebook-fit"))
+        _print_commits({"codebooks": result})
+        mse = ", ".join(f"{m:.4g}" for m in cb.info["recon_mse"])
+        print(
+            f"version {cb.version}: {cb.levels} levels on {cb.info['rows']} rows of {cb.info['source']} "
+            f"v{cb.info['source_version']}; reconstruction MSE per level {mse}"
+        )
+    elif args.action == "assign":
+        result, cb = stage.run_assign(cfg, _run_id(args, "codebook-assign"), args.version)
+        _print_commits({"item_codes": result})
+    elif args.action == "diff":
+        print(json.dumps(stage.diff(cfg, args.v1, args.v2)))
+    else:
+        print(json.dumps(stage.quality(cfg, args.version), indent=2))
+
+
 def cmd_tables(args: argparse.Namespace) -> None:
     tables = Tables.from_config(_cfg(args))
     for name in TABLES:
@@ -152,6 +185,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", parents=[common], help="encode item text into item_content_emb (Ray Data)")
     p.add_argument("--items-version", type=int, default=None, help="pin the items table version")
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser(
+        "pairs", parents=[common], help="Swing I2I + U2I trigger pairs into item_pairs (Spark)"
+    )
+    p.set_defaults(func=cmd_pairs)
+
+    p = sub.add_parser(
+        "codebook", parents=[common], help="semantic-ID codebooks: fit, assign, diff, quality (Spark)"
+    )
+    csub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    pf = csub.add_parser(
+        "fit", parents=[common], help="fit a new codebook version (residual K-means [+ FSQ])"
+    )
+    pf.add_argument("--levels", type=int, help="residual K-means levels (config codebook.levels)")
+    pf.add_argument("--k", type=int, help="centroids per level (config codebook.k)")
+    pf.add_argument("--iters", type=int, help="Lloyd iterations per level")
+    pf.add_argument("--seed", type=int)
+    pf.add_argument("--fsq-dims", type=int, help="FSQ on the last residual: number of dims")
+    pf.add_argument(
+        "--fsq-levels", type=int, nargs="+", help="FSQ levels per dim (one value, or one per dim)"
+    )
+    pa_ = csub.add_parser("assign", parents=[common], help="write item_codes (RQ, FSQ, VQ) for uncoded items")
+    pa_.add_argument("--version", type=int, help="codebook version (default: the latest)")
+    pd_ = csub.add_parser("diff", parents=[common], help="how many items changed code between two versions")
+    pd_.add_argument("v1", type=int)
+    pd_.add_argument("v2", type=int)
+    pq_ = csub.add_parser("quality", parents=[common], help="SID quality report of a version (JSON)")
+    pq_.add_argument("--version", type=int)
+    p.set_defaults(func=cmd_codebook)
 
     p = sub.add_parser(
         "tables", parents=[common], help="list the tables under the root with version and rows"

@@ -126,6 +126,51 @@ class PairsConfig(_Section):
     )
 
 
+class CodebookConfig(_Section):
+    """`qarm codebook`: distributed residual K-means (+ FSQ) and VQ neighbour codes."""
+
+    source: Literal["auto", "item_aligned_emb", "item_content_emb"] = Field(
+        "auto", description="Embedding table to quantise; auto = item_aligned_emb when it exists."
+    )
+    levels: int = Field(3, gt=0, description="Residual K-means levels.")
+    k: int = Field(64, gt=1, description="Centroids per level.")
+    fsq_levels: list[int] = Field(
+        default_factory=list, description="FSQ level count per dim on the last residual ([] = no FSQ)."
+    )
+    iters: int = Field(20, gt=0, description="Lloyd iterations per level.")
+    tol: float = Field(
+        1e-4, ge=0, description="Stop a level when inertia improves by less than this (relative)."
+    )
+    init: Literal["random", "kmeans++"] = "kmeans++"
+    init_sample: int = Field(50_000, gt=0, description="Rows sampled for init (and for FSQ's fit).")
+    sample_fraction: float = Field(1.0, gt=0, le=1, description="Rows used by the early iterations.")
+    sample_iters: int = Field(0, ge=0, description="How many early iterations use sample_fraction.")
+    fit_window: Literal["train", "all"] = Field(
+        "train", description="train = fit on items created before the evaluation window only (leak-free)."
+    )
+    seed: int = 0
+    partitions: int = Field(
+        0, ge=0, description="Spark tasks per pass; 0 = the cluster's default parallelism."
+    )
+    threads_per_task: int = Field(1, gt=0, description="faiss threads inside one Spark task.")
+    backend: Literal["faiss", "torch"] = Field(
+        "faiss", description="Assignment kernel (see docs/benchmarks.md)."
+    )
+    worker_cache_mb: int = Field(
+        8192, ge=0, description="Vectors a Python worker keeps between passes; 0 = re-read every pass."
+    )
+    rkfsq_levels: int = Field(
+        2, gt=0, description="Res-KmeansFSQ variant (the demo fits it beside plain RQ): K-means levels ..."
+    )
+    rkfsq_fsq: list[int] = Field(
+        default_factory=lambda: [4, 4, 4], description="... then FSQ levels per dim."
+    )
+    vq_k: int = Field(25, gt=0, description="VQ code length: nearest pool items per item (QARM: 25).")
+    pool_max: int = Field(
+        200_000, gt=0, description="VQ pool: all items up to this many, else a seeded sample."
+    )
+
+
 class QarmConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU.")
     tables: TablesConfig = Field(default_factory=TablesConfig)
@@ -135,6 +180,7 @@ class QarmConfig(_Section):
     split: SplitConfig = Field(default_factory=SplitConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
+    codebook: CodebookConfig = Field(default_factory=CodebookConfig)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from qarm_dist.codebook import stage as codebook
 from qarm_dist.config import QarmConfig
 from qarm_dist.data.ingest import write_movielens, write_world
 from qarm_dist.data.split import tables_eval_start
@@ -23,6 +24,21 @@ from qarm_dist.report import tables_section, write_report
 log = logging.getLogger(__name__)
 
 
+def run_codes(cfg: QarmConfig, run_id: str) -> dict[str, Any]:
+    """Fit and assign the two quantizers the papers compare; their SID quality by name."""
+    cc = cfg.codebook
+    variants = {
+        "rq": cc.model_copy(update={"fsq_levels": []}),
+        "rkfsq": cc.model_copy(update={"levels": cc.rkfsq_levels, "fsq_levels": cc.rkfsq_fsq}),
+    }
+    out = {}
+    for name, variant in variants.items():
+        _, cb = codebook.run_fit(cfg, f"{run_id}-{name}", variant)
+        codebook.run_assign(cfg, f"{run_id}-{name}", cb.version)
+        out[name] = codebook.quality(cfg, cb.version)
+    return out
+
+
 def run_demo(cfg: QarmConfig, run_id: str, movielens: str | None = None) -> dict[str, Any]:
     """Run the pipeline on the configured world (or a MovieLens folder) and write the report.
 
@@ -32,23 +48,26 @@ def run_demo(cfg: QarmConfig, run_id: str, movielens: str | None = None) -> dict
     if "://" in tables.root:
         raise ValueError("qarm demo writes its report next to the tables: give a local --root")
     if movielens:
-        log.info("[1/4] ingest MovieLens from %s", movielens)
+        log.info("[1/5] ingest MovieLens from %s", movielens)
         write_movielens(cfg, movielens, run_id)
         name = f"movielens ({Path(movielens).name})"
     else:
-        log.info("[1/4] generate the %s world (seed %d)", cfg.world.size, cfg.world.seed)
+        log.info("[1/5] generate the %s world (seed %d)", cfg.world.size, cfg.world.seed)
         write_world(cfg, run_id)
         name = f"world:{cfg.world.size} (seed {cfg.world.seed})"
-    log.info("[2/4] embed item text with %s", cfg.encoder.name)
+    log.info("[2/5] embed item text with %s", cfg.encoder.name)
     run_embed(cfg, run_id)
-    log.info("[3/4] build item pairs")
+    log.info("[3/5] build item pairs")
     _, pairs = run_pairs(cfg, run_id)
-    log.info("[4/4] summarise and write the report")
+    log.info("[4/5] codebooks: residual K-means (rq) and Res-KmeansFSQ (rkfsq)")
+    codes = run_codes(cfg, run_id)
+    log.info("[5/5] summarise and write the report")
     spark = spark_session(cfg)
     report: dict[str, Any] = {
         "run_id": run_id,
         "dataset": dataset_summary(spark, tables, tables_eval_start(tables, cfg.split.eval_fraction), name),
         "pairs": pairs,
+        "codes": codes,
     }
     report["tables"] = tables_section(tables)
     json_path, md_path = write_report(report, tables.root)

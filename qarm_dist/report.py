@@ -112,6 +112,58 @@ def _pairs_md(p: dict[str, Any], plots: Path) -> list[str]:
     ]
 
 
+def _codes_md(codes: dict[str, Any], plots: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    width = 0.8 / max(len(codes), 1)
+    for i, (name, q) in enumerate(codes.items()):
+        util = [lv["utilization"] for lv in q["levels"]]
+        ax.bar([j + i * width for j in range(len(util))], util, width, label=name)
+    ax.set_xlabel("level (the last of rkfsq is FSQ)")
+    ax.set_ylabel("codes used / codes available")
+    ax.set_ylim(0, 1.05)
+    ax.legend()
+    ax.set_title("per-level utilisation")
+    fig.tight_layout()
+    fig.savefig(plots / "codes_utilization.png", dpi=110)
+    plt.close(fig)
+    keys = [
+        "items",
+        "sids",
+        "collision_rate",
+        "items_per_code",
+        "largest_bucket",
+        "gini",
+        "normalized_entropy",
+    ]
+    lines = [
+        "## Semantic IDs",
+        "",
+        "| quantizer | " + " | ".join(keys) + " |",
+        "| --- |" + " ---: |" * len(keys),
+    ]
+    for name, q in codes.items():
+        cells = [f"{q[k]:.4g}" if isinstance(q[k], float) else str(q[k]) for k in keys]
+        lines.append(f"| {name} (v{q['version']}) | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| quantizer | level | k | utilisation | dead codes | perplexity | reconstruction MSE |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, q in codes.items():
+        for i, lv in enumerate(q["levels"]):
+            mse = lv.get("reconstruction_mse")
+            lines.append(
+                f"| {name} | {i} | {lv['k']} | {lv['utilization']:.3f} | {lv['dead_codes']} | "
+                f"{lv['perplexity']:.1f} | {'' if mse is None else f'{mse:.4g}'} |"
+            )
+    return [*lines, "", "![utilisation](plots/codes_utilization.png)", ""]
+
+
 def _tables_md(t: dict[str, dict[str, int]]) -> list[str]:
     return [
         "## Tables",
@@ -123,7 +175,12 @@ def _tables_md(t: dict[str, dict[str, int]]) -> list[str]:
     ]
 
 
-_RENDERERS = {"dataset": _dataset_md, "pairs": _pairs_md, "tables": lambda t, _: _tables_md(t)}
+_RENDERERS = {
+    "dataset": _dataset_md,
+    "pairs": _pairs_md,
+    "codes": _codes_md,
+    "tables": lambda t, _: _tables_md(t),
+}
 
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:

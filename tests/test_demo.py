@@ -44,6 +44,15 @@ def test_demo_tiny_end_to_end(tmp_path):
     assert d["eval"]["cold_rows"] > 0 and d["popularity"]["train_top1pct_share"] > 0.1
     assert report["tables"]["item_content_emb"]["rows"] == 600
     assert report["tables"]["interactions"]["rows"] == d["rows"]
+    pairs = report["pairs"]
+    assert pairs["i2i"] > 0 and pairs["u2i"] > 0 and pairs["heldout"] > 0
+    assert set(pairs["judge_rejected"]) == {"i2i", "u2i"}
+    assert report["tables"]["item_pairs"]["rows"] == pairs["i2i"] + pairs["u2i"]
+    keys = {"collision_rate", "items_per_code", "largest_bucket", "gini", "normalized_entropy", "levels"}
+    for name, n_levels in (("rq", 3), ("rkfsq", 3)):  # rkfsq: 2 K-means levels + FSQ
+        q = report["codes"][name]
+        assert keys <= set(q) and len(q["levels"]) == n_levels and q["items"] == 600
+        assert 0 <= q["collision_rate"] <= 1 and 0 < q["normalized_entropy"] <= 1
     md = (root / "report.md").read_text()
     assert (
         "## Dataset" in md and "## Tables" in md and (root / "plots" / "popularity.png").stat().st_size > 1000
@@ -61,5 +70,8 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     assert not (tmp_path / "r").exists()
     p = run("embed", "--root", str(tmp_path / "r"))
     assert p.returncode == 2 and "table 'items' does not exist" in p.stderr
+    for stage in (["pairs"], ["codebook", "assign"]):  # every stage is wired to the parser and fails cleanly
+        p = run(*stage, "--root", str(tmp_path / "r"))
+        assert p.returncode == 2 and ("does not exist" in p.stderr or "no version yet" in p.stderr), p.stderr
     h = run("--help")
-    assert all(c in h.stdout for c in ("demo", "world", "ingest", "embed", "tables"))
+    assert all(c in h.stdout for c in ("demo", "world", "ingest", "embed", "pairs", "codebook", "tables"))

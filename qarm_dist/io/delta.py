@@ -206,6 +206,7 @@ class Snapshot:
     files: list[str]
     dim: int | None
     rows: int
+    file_rows: list[int]  # rows per file, in the order of `files` (from the log's stats)
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,16 @@ class Tables:
                 f"table '{name}' does not exist under {self.root}; run the stage that writes it"
             )
         dim = self._check_schema(name, dt)
-        return Snapshot(name, self.uri(name), dt.version(), dt.file_uris(), dim, dt.count())
+        files = dt.file_uris()
+        actions = pa.table(dt.get_add_actions(flatten=True))
+        by_name = dict(
+            zip(
+                (os.path.basename(p) for p in actions.column("path").to_pylist()),
+                actions.column("num_records").to_pylist(),
+            )
+        )
+        file_rows = [int(by_name.get(os.path.basename(f)) or 0) for f in files]
+        return Snapshot(name, self.uri(name), dt.version(), files, dim, sum(file_rows), file_rows)
 
     def _check_schema(self, name: str, dt: DeltaTable) -> int | None:
         """Validate on read: the stored schema must carry the spec's columns and types."""
