@@ -25,6 +25,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue
 import resource
 import shutil
 import subprocess
@@ -128,7 +129,7 @@ def spark_child(
     mllib = {
         "seconds": round(mllib_s, 2),
         "blas": blas,
-        "centroids": np.array([c.toArray() for c in model.clusterCenters()], np.float32),
+        "centroids": np.asarray(model.clusterCenters(), np.float32),
     }
     spark.stop()
     out.put((qarm, mllib))
@@ -183,7 +184,13 @@ def main() -> None:
         target=spark_child, args=(root, args.k, args.iters, args.levels, c0, args.skip_mllib, q)
     )
     child.start()
-    qarm, mllib = q.get()
+    while True:  # fail, rather than wait forever, if the Spark child dies
+        try:
+            qarm, mllib = q.get(timeout=10)
+            break
+        except queue.Empty:
+            if not child.is_alive():
+                raise SystemExit(f"the Spark child exited with code {child.exitcode}") from None
     child.join()
 
     t0 = time.perf_counter()

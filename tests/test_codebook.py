@@ -62,6 +62,9 @@ def test_cache_misses_recompute_the_same_residuals(spark, world_root):
     for a, b in zip(cached.book.centroids, uncached.book.centroids):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert cached.recon_mse[0] > cached.recon_mse[1] > cached.recon_mse[2]  # each level explains more
+    reads = uncached.cost["iteration_piece_reads"]
+    assert uncached.cost["iteration_cache_misses"] == reads > 0  # no cache: every iteration re-reads
+    assert cached.cost["iteration_cache_misses"] < reads  # the worker cache spares the re-reads
 
 
 def test_inertia_within_one_percent_of_faiss(spark, world_root):

@@ -256,3 +256,10 @@ def test_a_foreign_table_with_another_schema_is_refused_on_read(root):
         t.snapshot("items")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         t.snapshot("item_pairs")
+
+
+def test_run_ids_with_odd_characters_count_their_rows(root):
+    t = Tables(root)
+    r = write(t, "item_content_emb", emb_rows(range(5)), "run with spaces/and%signs", dim=8)
+    assert r.rows == 5 and t.snapshot("item_content_emb").file_rows == [5]
+    assert t.committed("item_content_emb", "run with spaces/and%signs")

@@ -64,6 +64,7 @@ class _WorkerCache:
     def __init__(self) -> None:
         self.items: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self.bytes = 0
+        self.misses = 0  # reads of a piece from storage; a fit reports the sum over its passes
 
     def get(self, key: tuple) -> np.ndarray | None:
         arr = self.items.get(key)
@@ -132,35 +133,50 @@ class _Job:
     seed: int
     books: list[np.ndarray] = field(default_factory=list)
 
+    # Cache access goes through these methods only: `_Job` is a module-level class, so in a worker
+    # they reach the module's real `_CACHE`. Task closures are pickled by value, and a global they
+    # name directly would be a throw-away copy.
+    def store(self, piece: Piece, level: int, x: np.ndarray) -> None:
+        _CACHE.put((self.key, level, piece.index), x, self.cache_bytes)
+
+    def forget(self, piece: Piece, level: int) -> None:
+        _CACHE.drop((self.key, level, piece.index))
+
+    @staticmethod
+    def misses() -> int:
+        return _CACHE.misses
+
     def residual(self, piece: Piece, level: int) -> np.ndarray:
-        """This piece's level-``level`` residuals, from the cache or recomputed."""
+        """This piece's level-``level`` residuals, from the cache or recomputed (counted as a miss)."""
         import faiss
 
         faiss.omp_set_num_threads(self.threads)
         key = (self.key, level, piece.index)
         x = _CACHE.get(key)
         if x is None:
+            _CACHE.misses += 1
             allowed = self.allowed_ids.value if self.allowed_ids is not None else None
             _, x = read_vectors(piece.files, self.column, self.dim, self.storage_options, allowed)
             if level > 0:
                 _, x = rq_encode(x, ResidualCodebook(self.books[:level]), backend=self.backend)
-            _CACHE.put(key, x, self.cache_bytes)
+            self.store(piece, level, x)
         return x
 
 
-def _check_pass(job: _Job, pieces_rdd, table: str) -> int:
-    """First pass: load (and cache) level-0 vectors, count rows and non-finite rows."""
+def _load_pass(job: _Job, pieces_rdd, table: str, rate: float) -> tuple[int, np.ndarray]:
+    """First pass: load (and cache) level-0 vectors; count rows, refuse non-finite ones, sample for init."""
 
-    def task(it: Iterator[Piece]) -> Iterator[tuple[int, int]]:
+    def task(it: Iterator[Piece]):
         for piece in it:
             x = job.residual(piece, 0)
-            yield len(x), int((~np.isfinite(x).all(axis=1)).sum())
+            rng = np.random.default_rng([job.seed, 1_000_003, piece.index])  # a tag no level uses
+            yield len(x), int((~np.isfinite(x).all(axis=1)).sum()), x[rng.random(len(x)) < rate]
 
-    counts = pieces_rdd.mapPartitions(task).collect()
-    n, bad = sum(c[0] for c in counts), sum(c[1] for c in counts)
+    parts = pieces_rdd.mapPartitions(task).collect()
+    n, bad = sum(p[0] for p in parts), sum(p[1] for p in parts)
     if bad:
         raise TableError(table, job.column, bad, n, "have NaN or infinite values")
-    return n
+    return n, np.concatenate([p[2] for p in parts])
 
 
 def _stats_pass(job: _Job, pieces_rdd, level: int, centroids: np.ndarray, frac: float):
@@ -170,14 +186,15 @@ def _stats_pass(job: _Job, pieces_rdd, level: int, centroids: np.ndarray, frac: 
     def task(it: Iterator[Piece]):
         c = bc.value
         for piece in it:
+            before = job.misses()
             x = job.residual(piece, level)
             if frac < 1.0:
                 x = x[:: max(1, round(1 / frac))]
             a = assign(x, c, backend=job.backend)
-            yield a.sums, a.counts, a.inertia, len(x)
+            yield a.sums, a.counts, a.inertia, len(x), job.misses() - before
 
     def add(p, q):
-        return p[0] + q[0], p[1] + q[1], p[2] + q[2], p[3] + q[3]
+        return tuple(a + b for a, b in zip(p, q))
 
     out = pieces_rdd.mapPartitions(task).treeReduce(add, depth=2)
     bc.unpersist()
@@ -195,9 +212,9 @@ def _final_pass(job: _Job, pieces_rdd, level: int, centroids: np.ndarray, rate: 
             x = job.residual(piece, level)
             a = assign(x, c, backend=job.backend)
             r = x - c[a.codes]
-            _CACHE.drop((job.key, level, piece.index))
+            job.forget(piece, level)
             if keep:
-                _CACHE.put((job.key, level + 1, piece.index), r, job.cache_bytes)
+                job.store(piece, level + 1, r)
             rng = np.random.default_rng([job.seed, level, piece.index])
             yield a.inertia, len(x), r[rng.random(len(r)) < rate]
 
@@ -207,16 +224,6 @@ def _final_pass(job: _Job, pieces_rdd, level: int, centroids: np.ndarray, rate: 
     n = sum(p[1] for p in parts)
     sample = np.concatenate([p[2] for p in parts]) if parts else np.empty((0, job.dim), np.float32)
     return inertia, n, sample
-
-
-def _sample_pass(job: _Job, pieces_rdd, rate: float) -> np.ndarray:
-    def task(it: Iterator[Piece]):
-        for piece in it:
-            x = job.residual(piece, 0)
-            rng = np.random.default_rng([job.seed, 1_000_003, piece.index])  # a tag no level uses
-            yield x[rng.random(len(x)) < rate]
-
-    return np.concatenate(pieces_rdd.mapPartitions(task).collect())
 
 
 @dataclass
@@ -276,22 +283,22 @@ def fit(
     )
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    n = _check_pass(job, pieces_rdd, snapshot.name)
+    rate = min(1.0, init_sample / snapshot.rows)
+    n, sample = _load_pass(job, pieces_rdd, snapshot.name, rate)
     seconds["load"] = time.perf_counter() - t0
     if n == 0:
-        raise TableError(
-            snapshot.name, column, 0, 0, "exist to fit on (the table, or its fit window, is empty)"
-        )
+        raise TableError(snapshot.name, column, 0, 0, "exist to fit on (the fit window holds no item)")
     if k > n:
         raise ValueError(
             f"codebook k={k} is larger than the {n} vectors of table '{snapshot.name}' to fit on"
         )
+    if len(sample) < k:  # the fit window kept few rows: sample them all
+        _, sample = _load_pass(job, pieces_rdd, snapshot.name, 1.0)
     rate = min(1.0, init_sample / n)
     t0 = time.perf_counter()
-    sample = _sample_pass(job, pieces_rdd, rate)
     inertia_hist: list[list[float]] = []
     recon: list[float] = []
-    passes = 1
+    passes, misses = 0, 0
     for level in range(levels):
         if level == 0 and init_centroids_l0 is not None:
             c = np.ascontiguousarray(init_centroids_l0, dtype=np.float32)
@@ -300,8 +307,9 @@ def fit(
         hist: list[float] = []
         for it in range(iters):
             frac = sample_fraction if it < sample_iters else 1.0
-            sums, counts, inertia, _ = _stats_pass(job, pieces_rdd, level, c, frac)
+            sums, counts, inertia, _, missed = _stats_pass(job, pieces_rdd, level, c, frac)
             passes += 1
+            misses += missed
             hist.append(float(inertia))
             c, repaired = update(sums, counts, c, seed=seed + 1000 * level + it)
             if repaired:
@@ -328,8 +336,11 @@ def fit(
         "dim": dim,
         "pieces": len(pieces),
         "passes": passes,
-        "rows_scanned": n * passes,
-        "flops": float(2.0 * n * k * dim * (passes - 1)),
+        "rows_scanned": n * (passes + 1),  # + the load pass
+        "flops": float(2.0 * n * k * dim * passes),
         "bytes_to_driver_per_iteration": stat_bytes,
+        # pieces re-read from storage during the iterations (0 = every iteration hit the worker cache)
+        "iteration_cache_misses": misses,
+        "iteration_piece_reads": len(pieces) * sum(len(h) for h in inertia_hist),
     }
     return FitResult(ResidualCodebook(job.books), fsq, n, inertia_hist, recon, fsq_mse, cost, seconds)

@@ -131,6 +131,22 @@ def _pool(spark: SparkSession, tables: Tables, cb: store.Codebook, pool_max: int
 _INDEX: dict[tuple, Any] = {}  # per Python worker: the faiss index of a pool, built once
 
 
+def pool_index(key: tuple, pool_x: np.ndarray):
+    """The faiss index of a pool, built once per Python worker.
+
+    Module-level on purpose: a task closure is pickled by value and would carry its own empty
+    copy of `_INDEX`; this function is pickled by reference and reaches the worker's real one.
+    """
+    import faiss
+
+    if key not in _INDEX:
+        _INDEX.clear()
+        index = faiss.IndexFlatL2(pool_x.shape[1])
+        index.add(pool_x)
+        _INDEX[key] = index
+    return _INDEX[key]
+
+
 def vq_codes(x: np.ndarray, item_ids: np.ndarray, index, pool_ids: np.ndarray, k: int) -> np.ndarray:
     """Ids of the ``k`` nearest pool items of each row, the item itself excluded."""
     _, nn = index.search(x, k + 1)
@@ -176,12 +192,7 @@ def run_assign(
 
         faiss.omp_set_num_threads(threads)
         ids_pool, x_pool = b_pool.value
-        if pool_key not in _INDEX:
-            _INDEX.clear()
-            index = faiss.IndexFlatL2(dim)
-            index.add(x_pool)
-            _INDEX[pool_key] = index
-        index = _INDEX[pool_key]
+        index = pool_index(pool_key, x_pool)
         for rb in batches:
             if rb.num_rows == 0:
                 continue

@@ -23,11 +23,13 @@ import contextlib
 import json
 import math
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import numpy as np
 import pandas as pd
@@ -184,7 +186,8 @@ def stage(
     """
     t = validate(table_spec, data, dim)
     fs, base = _filesystem(table_uri, storage_options)
-    rel = f"part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)  # the run id names files; keep it path-safe
+    rel = f"part-{safe}-{uuid.uuid4().hex[:12]}.parquet"
     fs.create_dir(base, recursive=True)
     full = f"{base}/{rel}"
     pq.write_table(t, full, filesystem=fs, compression="zstd")
@@ -256,13 +259,14 @@ class Tables:
         dim = self._check_schema(name, dt)
         files = dt.file_uris()
         actions = pa.table(dt.get_add_actions(flatten=True))
+        # the log stores paths URL-encoded, file_uris() may not: compare decoded names
         by_name = dict(
             zip(
-                (os.path.basename(p) for p in actions.column("path").to_pylist()),
+                (unquote(os.path.basename(p)) for p in actions.column("path").to_pylist()),
                 actions.column("num_records").to_pylist(),
             )
         )
-        file_rows = [int(by_name.get(os.path.basename(f)) or 0) for f in files]
+        file_rows = [int(by_name.get(unquote(os.path.basename(f))) or 0) for f in files]
         return Snapshot(name, self.uri(name), dt.version(), files, dim, sum(file_rows), file_rows)
 
     def _check_schema(self, name: str, dt: DeltaTable) -> int | None:
