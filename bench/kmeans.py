@@ -13,8 +13,8 @@
   iterations; which BLAS it used is printed (the native one if
   libopenblas0-pthread is installed: run as root with --install-blas).
 
-qarm and MLlib run in a child process, so `driver_peak_mb` is that Spark
-driver's peak RSS (the parent holds the data for faiss). Every inertia is
+qarm and MLlib run in a child process (the parent holds the data for faiss);
+`driver_peak_mb` is that Spark driver's peak RSS sampled during the fit. Every inertia is
 recomputed the same way: the sum of squared distances of all points to the
 final centroids. The last line printed is one JSON object.
 """
@@ -26,13 +26,14 @@ import json
 import multiprocessing as mp
 import os
 import queue
-import resource
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 
 import numpy as np
+import psutil
 import pyarrow as pa
 
 
@@ -86,6 +87,16 @@ def spark_child(
     spark.range(1).count()
     session_s = time.perf_counter() - t0
     snap = Tables(root).snapshot("item_content_emb")
+    # Peak RSS sampled during the fit. Not ru_maxrss: a spawned child inherits its parent's
+    # high-water mark across exec, and the parent holds the whole data set for faiss.
+    proc, peak, done = psutil.Process(), [0], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.02)
+
+    threading.Thread(target=watch, daemon=True).start()
     t0 = time.perf_counter()
     res = fit(
         spark,
@@ -100,7 +111,8 @@ def spark_child(
         partitions=os.cpu_count(),
     )
     total_s = time.perf_counter() - t0
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    done.set()
+    peak_mb = peak[0] / 2**20
     qarm = {
         "seconds": round(res.seconds["fit"], 2),
         "load_seconds": round(res.seconds["load"], 2),

@@ -118,16 +118,24 @@ def _codes_md(codes: dict[str, Any], plots: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
     width = 0.8 / max(len(codes), 1)
-    for i, (name, q) in enumerate(codes.items()):
-        util = [lv["utilization"] for lv in q["levels"]]
-        ax.bar([j + i * width for j in range(len(util))], util, width, label=name)
-    ax.set_xlabel("level (the last of rkfsq is FSQ)")
-    ax.set_ylabel("codes used / codes available")
-    ax.set_ylim(0, 1.05)
-    ax.legend()
-    ax.set_title("per-level utilisation")
+    n_levels = max(len(q["levels"]) for q in codes.values())
+    for ax, (metric, label) in zip(axes, (("utilization", "codes used / k"), ("evenness", "perplexity / k"))):
+        for i, (name, q) in enumerate(codes.items()):
+            vals = [
+                lv["utilization"] if metric == "utilization" else lv["perplexity"] / lv["k"]
+                for lv in q["levels"]
+            ]
+            ax.bar(
+                [j + (i - (len(codes) - 1) / 2) * width for j in range(len(vals))], vals, width, label=name
+            )
+        ax.set_xticks(range(n_levels))
+        ax.set_xlabel("level (rkfsq's last is FSQ)")
+        ax.set_ylabel(label)
+        ax.set_ylim(0, 1.05)
+    axes[0].legend(loc="lower left")
+    fig.suptitle("semantic-ID levels: utilisation and evenness")
     fig.tight_layout()
     fig.savefig(plots / "codes_utilization.png", dpi=110)
     plt.close(fig)

@@ -31,6 +31,13 @@ def pytest_unconfigure(config):
     os._exit(_exit["status"])
 
 
+def read_all(tables, name: str, version: int | None = None):
+    """A whole (small, test-sized) table as one Arrow table, through the streamed reader."""
+    import pyarrow as pa
+
+    return pa.Table.from_batches(list(tables.read_batches(name, version=version)))
+
+
 @pytest.fixture
 def root(tmp_path: Path) -> str:
     return str(tmp_path / "tables")

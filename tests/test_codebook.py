@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import read_all
 from deltalake import CommitProperties, DeltaTable
 from deltalake.transaction import AddAction
 
@@ -105,9 +106,7 @@ def test_fit_assign_refresh_diff_and_immutable_versions(spark, world_root, tmp_p
     # assign: every item gets codes; VQ equals brute-force nearest neighbours without the item itself
     a1, _ = stage.run_assign(cfg, "assign-1", version=1)
     ids, x = vectors(t)
-    codes = pa.concat_tables([pa.Table.from_batches([b]) for b in t.read_batches("item_codes")]).sort_by(
-        "item_id"
-    )
+    codes = read_all(t, "item_codes").sort_by("item_id")
     assert a1.rows == len(ids) and codes["item_id"].to_pylist() == ids.tolist()
     rq = np.stack(codes["rq"].to_numpy(zero_copy_only=False))
     np.testing.assert_array_equal(rq[:, 0], assign(x, cb1.book.centroids[0]).codes)
@@ -131,9 +130,7 @@ def test_fit_assign_refresh_diff_and_immutable_versions(spark, world_root, tmp_p
     w.write(new)
     w.commit(mode="append")
     a2, _ = stage.run_assign(cfg, "assign-2", version=1)
-    after = pa.concat_tables([pa.Table.from_batches([b]) for b in t.read_batches("item_codes")]).sort_by(
-        "item_id"
-    )
+    after = read_all(t, "item_codes").sort_by("item_id")
     assert a2.rows == len(ids) + 20
     old = after.filter(pa.compute.less(after["item_id"], 10_000))
     assert old["rq"].equals(codes["rq"]) and old["vq"].equals(codes["vq"])

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pytest
+from conftest import read_all
 
 from qarm_dist.data.ingest import write_world
 from qarm_dist.data.world import World
 from qarm_dist.embed import run_embed
 from qarm_dist.embed.encoders import make_encoder
 from qarm_dist.io.delta import Tables
+from qarm_dist.io.schemas import spec
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ def test_embed_tiny_world_end_to_end(ray_local, tiny_cfg):
     assert (r.rows, r.skipped) == (world.n_items, False)
     snap = t.snapshot("item_content_emb")
     assert snap.dim == 384
-    table = pa.concat_tables([pa.Table.from_batches([b]) for b in t.read_batches("item_content_emb")])
+    table = read_all(t, "item_content_emb")
     assert sorted(table["item_id"].to_pylist()) == list(range(world.n_items))
     assert set(table["encoder"].to_pylist()) == {"all-MiniLM-L6-v2"}
     table = table.sort_by("item_id")
@@ -50,16 +51,7 @@ def test_embed_tiny_world_end_to_end(ray_local, tiny_cfg):
 def test_embed_refuses_an_empty_items_table(ray_local, tiny_cfg):
     t = Tables(tiny_cfg.tables.root)
     w = t.writer("items", "empty")
-    w.write(
-        pa.table(
-            {
-                "item_id": pa.array([], pa.int64()),
-                "text": pa.array([], pa.string()),
-                "category": pa.array([], pa.string()),
-                "created_ts": pa.array([], pa.int64()),
-            }
-        )
-    )
+    w.write(spec("items").schema().empty_table())
     w.commit()
     with pytest.raises(ValueError, match="table 'items' .* has 0 rows"):
         run_embed(tiny_cfg, "emb-empty")

@@ -9,6 +9,7 @@ import pytest
 from qarm_dist.config import load_config
 from qarm_dist.data.ingest import write_world
 from qarm_dist.io.delta import Tables
+from qarm_dist.io.schemas import spec
 
 
 @pytest.fixture
@@ -46,16 +47,7 @@ def test_spark_reads_an_empty_snapshot_with_the_schema(spark, root):
     w.write(pa.table({"item_id": [1], "text": ["x"], "category": ["c"], "created_ts": [0]}))
     w.commit()
     w = t.writer("items", "e2")
-    w.write(
-        pa.table(
-            {
-                "item_id": pa.array([], pa.int64()),
-                "text": pa.array([], pa.string()),
-                "category": pa.array([], pa.string()),
-                "created_ts": pa.array([], pa.int64()),
-            }
-        )
-    )
+    w.write(spec("items").schema().empty_table())
     w.commit(mode="overwrite")
     df = t.spark(spark, "items")
     assert df.count() == 0 and df.columns == ["item_id", "text", "category", "created_ts"]

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import MOVIELENS
+from conftest import MOVIELENS, read_all
 
 from qarm_dist.config import load_config
 from qarm_dist.data import movielens
@@ -25,7 +25,7 @@ def test_ingest_counts_labels_and_leak_free_tags(root):
     assert out["interactions"].rows == 100_836
     assert out["items"].rows == 9_742
     t = Tables(root)
-    inter = pa.concat_tables([pa.Table.from_batches([b]) for b in t.read_batches("interactions")])
+    inter = read_all(t, "interactions")
     ratings = np.loadtxt(MOVIELENS / "ratings.csv", delimiter=",", skiprows=1, usecols=2)
     assert inter["like"].to_numpy().sum() == (ratings >= 4).sum()
     assert (inter["click"].to_numpy() == 1).all()
@@ -36,7 +36,7 @@ def test_ingest_counts_labels_and_leak_free_tags(root):
     ts, tag = tags["timestamp"].to_numpy(), np.char.lower(np.array(tags["tag"].to_pylist()))
     late_only = set(tag[ts >= cut]) - set(tag[ts < cut])
     assert late_only, "the sample should have tags first used in the eval window"
-    items = pa.concat_tables([pa.Table.from_batches([b]) for b in t.read_batches("items")])
+    items = read_all(t, "items")
     in_text = {
         tag
         for x in items["text"].to_pylist()

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import read_all
 
 from qarm_dist.config import load_config
 from qarm_dist.data.ingest import write_world
@@ -83,7 +84,7 @@ def tiny_pairs(spark, tmp_path_factory):
     write_world(cfg, "w", emit_embeddings=True)
     result, section = run_pairs(cfg, "p1")
     t = Tables(root)
-    table = pa.concat_tables([pa.Table.from_batches([b]) for b in t.read_batches("item_pairs")])
+    table = read_all(t, "item_pairs")
     return cfg, t, result, section, table
 
 
@@ -161,7 +162,7 @@ def test_heldout_pairs_come_from_the_eval_window_only(spark, root):
     cut = tables_eval_start(t, cfg.split.eval_fraction)
     assert (ts >= cut).sum() == 2  # exactly the two late events
     run_pairs(cfg, "p")
-    table = pa.concat_tables([pa.Table.from_batches([b]) for b in t.read_batches("item_pairs")])
+    table = read_all(t, "item_pairs")
     held = table.filter(pa.compute.equal(table["split"], "heldout"))
     late = {8, 9}
     assert held.num_rows >= 1
