@@ -67,7 +67,7 @@ class TableError(ValueError):
 # ---------------------------------------------------------------- validation
 
 
-def _emb_dim_problems(name: str, col: pa.ChunkedArray | pa.Array, dim: int) -> tuple[int, str] | None:
+def _emb_dim_problems(col: pa.ChunkedArray | pa.Array, dim: int) -> tuple[int, str] | None:
     """Count rows of a list<float> column that are null, of the wrong length or not finite."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if pa.types.is_fixed_size_list(arr.type) and arr.type.list_size != dim:
@@ -115,7 +115,7 @@ def validate(table_spec: TableSpec, data: pa.Table | pa.RecordBatch, dim: int | 
         if col.null_count and not f.nullable:
             raise TableError(name, f.name, col.null_count, n, "are null")
         if f.name in table_spec.emb_columns:
-            problem = _emb_dim_problems(name, col, dim)  # type: ignore[arg-type]
+            problem = _emb_dim_problems(col, dim)  # type: ignore[arg-type]
             if problem:
                 raise TableError(name, f.name, problem[0], n, problem[1])
             flat = pc.list_flatten(col.combine_chunks()).cast(pa.float32())

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.compute as pc
 from pyspark.ml.recommendation import ALS
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
@@ -127,7 +127,7 @@ def _factor_arrays(factors: DataFrame) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("ALS produced no item factors: no positives in the training window")
     id_arr = t.column("item_id").to_numpy()
     rank = len(t.column("factor")[0])
-    mat = pa.compute.list_flatten(t.column("factor")).to_numpy().astype(np.float32).reshape(-1, rank)
+    mat = pc.list_flatten(t.column("factor")).to_numpy().astype(np.float32).reshape(-1, rank)
     order = np.argsort(id_arr)
     return id_arr[order], np.ascontiguousarray(mat[order])
 
