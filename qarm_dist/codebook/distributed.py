@@ -30,7 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyspark.sql import SparkSession
 
-from qarm_dist.codebook.fsq import FSQParams, fit_fsq
+from qarm_dist.codebook.fsq import FSQParams, fit_fsq, fsq_decode, fsq_encode
 from qarm_dist.codebook.kmeans import ResidualCodebook, assign, init_centroids, rq_encode, update
 from qarm_dist.io.delta import Snapshot, TableError, _filesystem
 
@@ -326,8 +326,6 @@ def fit(
     fsq_mse = None
     if fsq_levels:
         fsq = fit_fsq(sample, fsq_levels)
-        from qarm_dist.codebook.fsq import fsq_decode, fsq_encode
-
         fsq_mse = float(((sample - fsq_decode(fsq_encode(sample, fsq), fsq)) ** 2).sum(axis=1).mean())
     seconds["fit"] = time.perf_counter() - t0
     stat_bytes = len(pieces) * (k * (dim + 1) * 8 + 16)

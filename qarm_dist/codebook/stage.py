@@ -172,8 +172,8 @@ def run_assign(
         raise ValueError(
             f"table '{src}' has dimension {snap.dim}, codebook version {cb.version} has {cb.dim}"
         )
-    if tables.committed("item_codes", run_id):
-        return tables.commit("item_codes", [], run_id), cb
+    if done := tables.already_committed("item_codes", run_id):
+        return done, cb
     todo = tables.spark(spark, src, columns=["item_id", "emb"])
     if tables.exists("item_codes"):
         have = tables.spark(spark, "item_codes", columns=["item_id", "version"]).filter(

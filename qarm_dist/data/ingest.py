@@ -32,9 +32,9 @@ def _write(
     dim: int | None = None,
     info: dict | None = None,
 ) -> CommitResult:
-    if tables.committed(name, run_id):
+    if done := tables.already_committed(name, run_id):
         log.info("run %s already committed %s; skipping", run_id, name)
-        return tables.commit(name, [], run_id, dim=dim)
+        return done
     w = tables.writer(name, run_id, dim=dim, target_rows=cfg.tables.target_file_rows)
     try:
         with tqdm(total=total, desc=f"{name}", unit="rows", leave=False) as bar:

@@ -75,9 +75,9 @@ def run_embed(cfg: QarmConfig, run_id: str, items_version: int | None = None) ->
     snap = tables.snapshot("items", items_version)
     if snap.rows == 0:
         raise ValueError(f"table 'items' (version {snap.version}) has 0 rows; ingest items first")
-    if tables.committed(ITEM_CONTENT_EMB.name, run_id):
+    if done := tables.already_committed(ITEM_CONTENT_EMB.name, run_id):
         log.info("run %s already committed item_content_emb; nothing to do", run_id)
-        return tables.commit(ITEM_CONTENT_EMB.name, [], run_id, dim=encoder_dim(cfg.encoder.name))
+        return done
     ray_init(cfg)
     device = torch_device(cfg)
     ec = cfg.encoder

@@ -359,6 +359,13 @@ class Tables:
         dt = self._open(name)
         return dt is not None and dt.transaction_version(run_id) is not None
 
+    def already_committed(self, name: str, run_id: str) -> CommitResult | None:
+        """The table's current state if ``run_id`` already committed to it (so a re-run skips its work)."""
+        if not self.committed(name, run_id):
+            return None
+        snap = self.snapshot(name)
+        return CommitResult(name, snap.version, snap.rows, len(snap.files), skipped=True)
+
     def commit(
         self,
         name: str,
@@ -377,11 +384,11 @@ class Tables:
             raise ValueError(f"mode must be 'append' or 'overwrite', not {mode!r}")
         files = [s if isinstance(s, StagedFile) else StagedFile(**s) for s in staged]
         table_spec = spec(name)
-        dt = self._open(name)
-        if dt is not None and dt.transaction_version(run_id) is not None:
+        done = self.already_committed(name, run_id)
+        if done is not None:
             self._discard(name, files)
-            snap = self.snapshot(name)
-            return CommitResult(name, snap.version, snap.rows, len(snap.files), skipped=True)
+            return done
+        dt = self._open(name)
         try:
             if table_spec.emb_columns:
                 stored_dim = None if dt is None else self._check_schema(name, dt)

@@ -50,8 +50,8 @@ def write_dataframe(
     info: dict | None = None,
 ) -> CommitResult:
     """Stage ``df`` in the Spark tasks and commit it once under ``run_id``."""
-    if tables.committed(name, run_id):
-        return tables.commit(name, [], run_id, dim=dim)
+    if done := tables.already_committed(name, run_id):
+        return done
     return tables.commit(
         name, stage_dataframe(df, tables, name, run_id, dim), run_id, mode=mode, dim=dim, info=info
     )

@@ -156,10 +156,9 @@ def build_pairs(cfg: QarmConfig, spark: SparkSession, tables: Tables) -> tuple[D
 def run_pairs(cfg: QarmConfig, run_id: str) -> tuple[CommitResult, dict[str, Any]]:
     """Build and commit `item_pairs`; returns the commit and the report section."""
     tables = Tables.from_config(cfg)
-    if tables.committed("item_pairs", run_id):
+    if done := tables.already_committed("item_pairs", run_id):
         log.info("run %s already committed item_pairs; nothing to do", run_id)
-        result = tables.commit("item_pairs", [], run_id)
-        return result, pairs_section(cfg, tables)
+        return done, pairs_section(cfg, tables)
     spark = spark_session(cfg)
     pairs, stats = build_pairs(cfg, spark, tables)
     pairs = pairs.cache()
