@@ -1,7 +1,4 @@
-"""`ray job submit ... -- python jobs/embed.py [--config F] [--set k=v] [--root DIR] [--run-id ID]`.
-
-A thin entry point: the same code path as `qarm embed`.
-"""
+"""`qarm embed` as a job: `python jobs/embed.py [options] [--items-version N]`."""
 
 import sys
 

@@ -1,4 +1,4 @@
-"""`python jobs/ingest_movielens.py --path DIR [--root ROOT] [--run-id ID]`: the same as `qarm ingest movielens`."""
+"""`qarm ingest movielens` as a job: `python jobs/ingest_movielens.py [options] --path DIR`."""
 
 import sys
 

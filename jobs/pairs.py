@@ -1,4 +1,4 @@
-"""`spark-submit jobs/pairs.py [--config F] [--set k=v] [--root DIR] [--run-id ID]`: the same as `qarm pairs`."""
+"""`qarm pairs` as a job: `spark-submit jobs/pairs.py [options]`."""
 
 import sys
 

@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from qarm_dist import submit
 from qarm_dist.config import ConfigError, QarmConfig, load_config
 from qarm_dist.data.movielens import MovieLensError
 from qarm_dist.engines import set_process_env
@@ -124,6 +125,58 @@ def cmd_codebook(args: argparse.Namespace) -> None:
         print(json.dumps(stage.quality(cfg, args.version), indent=2))
 
 
+def cmd_align(args: argparse.Namespace) -> None:
+    cfg = _cfg(args)
+    from qarm_dist import align, models
+
+    tables = Tables.from_config(cfg)
+    if args.action == "train":
+        run_id = _run_id(args, "align")
+        if args.seeds:
+            seeds = list(range(cfg.align.seed, cfg.align.seed + args.seeds))
+            infos = align.train_models(cfg, run_id, seeds)
+        else:
+            infos = [align.train(cfg, run_id)]
+        for info in infos:
+            m = info.meta["metrics"]
+            print(
+                f"model {info.version}: {info.meta['train_pairs']} pairs, {info.meta['epochs']} epochs, "
+                f"last epoch loss {m.get('loss', float('nan')):.4f}, in-batch accuracy {m.get('accuracy', 0):.3f}"
+            )
+    elif args.action == "embed":
+        result, info = align.run_embed(cfg, _run_id(args, "align-embed"), args.model)
+        _print_commits({"item_aligned_emb": result})
+        print(f"model {info.version}")
+    elif args.action == "eval":
+        infos = [models.find(tables, "align", v) for v in args.model] or [models.find(tables, "align")]
+        print(json.dumps(align.evaluate(cfg, infos, behaviour=not args.no_behaviour), indent=2))
+    else:
+        for info in models.published(tables, "align"):
+            print(
+                f"{info.version}  seed {info.meta['seed']}  {info.meta['train_pairs']} pairs  {info.checkpoint}"
+            )
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    sub = submit.resolve(
+        args.stage,
+        args.cluster,
+        getattr(args, "config", None),
+        getattr(args, "overrides", None),
+        getattr(args, "root", None),
+        getattr(args, "run_id", None),
+        args.stage_args,
+    )
+    pkg = submit.package(sub)
+    line = submit.command_line(sub, pkg)
+    if args.dry_run:
+        print(line)
+        print(f"dry run: nothing submitted; the package is in {pkg.dir}", file=sys.stderr)
+        return 0
+    print(f"qarm submit: {sub.stage.name} on {sub.cluster_name}, run {sub.run_id}: {line}", file=sys.stderr)
+    return submit.run(sub, pkg, args.timeout)
+
+
 def cmd_tables(args: argparse.Namespace) -> None:
     tables = Tables.from_config(_cfg(args))
     for name in TABLES:
@@ -216,6 +269,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_codebook)
 
     p = sub.add_parser(
+        "align", parents=[common], help="align item embeddings to behaviour pairs: train, embed, eval (Ray)"
+    )
+    asub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    pt = asub.add_parser("train", parents=[common], help="train an alignment model (Ray Train)")
+    pt.add_argument(
+        "--seeds", type=int, help="train this many models (seeds align.seed, +1, ...) as <run-id>-s<seed>"
+    )
+    pe = asub.add_parser("embed", parents=[common], help="write item_aligned_emb for every item (Ray Data)")
+    pe.add_argument("--model", help="model version (default: the latest published)")
+    pv = asub.add_parser("eval", parents=[common], help="held-out hit rate, raw vs aligned (JSON)")
+    pv.add_argument(
+        "--model", action="append", default=[], help="model version (repeatable; default: latest)"
+    )
+    pv.add_argument("--no-behaviour", action="store_true", help="skip the ALS behaviour-only baseline")
+    asub.add_parser("models", parents=[common], help="list published alignment models")
+    p.set_defaults(func=cmd_align)
+
+    p = sub.add_parser(
+        "submit",
+        parents=[common],
+        help="run a stage on a named cluster (spark-submit or the Ray Jobs API); see cluster/README.md",
+        epilog="Arguments after -- go to the stage as is, e.g. qarm submit codebook-fit --cluster local -- --k 8",
+    )
+    p.add_argument("stage", help=f"one of: {', '.join(submit.STAGES)}")
+    p.add_argument("--cluster", required=True, help="a name under clusters in the config (built in: local)")
+    p.add_argument("--dry-run", action="store_true", help="print the exact command, submit nothing")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the job after this long (exit 2)")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser(
         "tables", parents=[common], help="list the tables under the root with version and rows"
     )
     p.set_defaults(func=cmd_tables)
@@ -224,7 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     set_process_env()
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stage_args: list[str] = []
+    if "--" in argv:  # `qarm submit STAGE ... -- ARGS`: ARGS go to the stage's own command line as is
+        cut = argv.index("--")
+        argv, stage_args = argv[:cut], argv[cut + 1 :]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if stage_args and args.func is not cmd_submit:
+        parser.error("only `qarm submit` takes arguments after --")
+    args.stage_args = stage_args
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
@@ -232,11 +324,11 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     try:
-        args.func(args)
+        status = args.func(args)  # None, or a job's exit status (qarm submit)
     except (ConfigError, TableError, MovieLensError, FileNotFoundError, ValueError) as err:
         print(f"qarm: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -48,6 +48,55 @@ class RayConfig(_Section):
     address: str | None = Field(None, description="Ray address (ray://, host:port or 'auto'); None = local.")
     num_cpus: int | None = Field(None, gt=0, description="CPUs for a local Ray; None = all cores.")
     object_store_memory: int | None = Field(None, gt=0, description="Bytes for a local object store.")
+
+
+class ClusterConfig(_Section):
+    """A cluster `qarm submit` can run stages on (cluster/README.md); nothing else reads these entries.
+
+    Spark stages run in client mode (the driver on the submitting machine, executors on the cluster);
+    Ray stages run as Ray jobs (the driver inside the cluster).
+    """
+
+    spark_master: str | None = Field(None, description="spark://host:7077, k8s://...; None: no Spark stages")
+    ray_jobs: str | None = Field(
+        None, description="Ray Jobs API (the head's dashboard), http://head:8265; None = no Ray stages."
+    )
+    ray_address: str = Field(
+        "auto", description="What a Ray job's driver connects to, inside the cluster (auto = its own)."
+    )
+    root: str | None = Field(
+        None, description="Table root every node and the submitting machine see; None = tables.root."
+    )
+    python: str | None = Field(
+        None, description="Python with qarm-dist's dependencies on the nodes; None = the submitting one."
+    )
+    executor_memory: str = Field("2g", description="spark.executor.memory")
+    executor_cores: int | None = Field(None, gt=0, description="spark.executor.cores; None = Spark default.")
+    cores_max: int | None = Field(None, gt=0, description="spark.cores.max: cores a job takes; None = all.")
+    spark_conf: dict[str, str] = Field(
+        default_factory=dict, description="More spark-submit --conf (driver host and bind address, ...)."
+    )
+    entrypoint_num_cpus: float = Field(
+        0.0, ge=0, description="CPUs a Ray job's driver holds; 0 leaves them all to the stage's workers."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Job environment: Ray runtime_env env_vars, spark.executorEnv.*."
+    )
+    overrides: list[str] = Field(
+        default_factory=list, description="--set values for every job here (e.g. encoder.actors=8)."
+    )
+
+
+def _default_clusters() -> dict[str, ClusterConfig]:
+    # `local` is cluster/local/up: the ports are the conventions of ENVIRONMENT.md §3-4.
+    local = ClusterConfig(
+        spark_master="spark://127.0.0.1:7077",
+        ray_jobs="http://127.0.0.1:8265",
+        ray_address="127.0.0.1:6379",
+        executor_memory="1g",
+        spark_conf={"spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1"},
+    )
+    return {"local": local}
 
 
 class WorldConfig(_Section):
@@ -171,16 +220,129 @@ class CodebookConfig(_Section):
     )
 
 
+class AlignConfig(_Section):
+    """`qarm align`: contrastive alignment of item embeddings to behaviour pairs (Ray Train)."""
+
+    mode: Literal["tower", "finetune"] = Field(
+        "tower",
+        description="tower = an MLP over the frozen content embedding; finetune = train the text encoder "
+        "itself end to end on item text (QARM's setting; slow on CPU).",
+    )
+    workers: int = Field(2, gt=0, description="Ray Train workers (one per GPU on a GPU cluster).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs each worker holds (and torch threads).")
+    batch_size: int = Field(
+        512, gt=1, description="Global batch (pairs per step over all workers); in-batch negatives = 2x this."
+    )
+    epochs: int = Field(6, gt=0)
+    lr: float = Field(3e-3, gt=0, description="AdamW learning rate (finetune_lr for the text encoder).")
+    finetune_lr: float = Field(5e-5, gt=0, description="Learning rate when mode=finetune.")
+    weight_decay: float = Field(0.0, ge=0)
+    temperature: float = Field(0.1, gt=0, description="InfoNCE temperature.")
+    hidden: int = Field(512, gt=0, description="Hidden width of the tower's residual MLP.")
+    logq: bool = Field(
+        True, description="Popularity (logQ) correction: subtract log(item frequency in pairs) from logits."
+    )
+    seed: int = Field(0, description="Seed of the model that `qarm align embed` writes by default.")
+    seeds: int = Field(
+        3,
+        gt=0,
+        description="Models (seeds seed..seed+seeds-1) the evaluation averages over (spread reported).",
+    )
+    max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint.")
+    shuffle_buffer: int = Field(4096, ge=0, description="Rows of the local shuffle buffer per worker.")
+    join_partitions: int = Field(
+        0, ge=0, description="Ray Data join partitions; 0 = one per million pairs, at most one per CPU."
+    )
+    eval_k: list[int] = Field(default_factory=lambda: [10, 50, 200], description="Hit rate cut-offs.")
+    infer_actors: int = Field(1, gt=0, description="Ray Data actors running inference.")
+    infer_rows_per_block: int = Field(4096, gt=0, description="Items per inference block (one staged file).")
+
+
+class SamplesConfig(_Section):
+    """`qarm samples`: time-ordered ranker samples with user history (Spark)."""
+
+    history: int = Field(50, gt=0, description="Prior items kept per sample (the user's last N).")
+    history_event: Literal["click", "like"] = Field(
+        "click", description="Which prior interactions enter the history (label = 1), strictly before ts."
+    )
+    negatives: int | None = Field(
+        None,
+        ge=0,
+        description="Sampled negatives per real row (all labels 0, sampled = 1), drawn uniformly by a "
+        "seeded hash among items created by the row's time. None = auto: 1 when no row has click = 0 "
+        "(implicit data such as MovieLens ratings), else 0.",
+    )
+    seed: int = 0
+
+
+class RankConfig(_Section):
+    """`qarm rank`: the multi-task semantic-ID ranker (Ray Train) and its ablation."""
+
+    workers: int = Field(2, gt=0, description="Ray Train workers (DDP for dense, all-reduce for sparse).")
+    cpus_per_worker: float = Field(1.0, gt=0)
+    batch_size: int = Field(2048, gt=1, description="Global batch (samples per step over all workers).")
+    epochs: int = Field(2, gt=0)
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the dense parameters.")
+    sparse_lr: float = Field(0.05, gt=0, description="Learning rate of the embedding tables.")
+    sparse_optimizer: Literal["adagrad", "sparse_adam", "sgd"] = Field(
+        "adagrad", description="Optimizer of the sparse-gradient tables (see docs/benchmarks.md)."
+    )
+    embedding_dim: int = Field(16, gt=0, description="Dimension of every embedding table.")
+    d_model: int = Field(32, gt=0, description="Width of an item representation (id + code features).")
+    experts: int = Field(4, gt=0, description="MMoE experts.")
+    expert_hidden: int = Field(64, gt=0)
+    tower_hidden: int = Field(32, gt=0)
+    user_rows: int = Field(1 << 18, gt=1, description="Hashed rows of the user-id table.")
+    item_rows: int = Field(1 << 18, gt=1, description="Hashed rows of the item-id and VQ tables.")
+    ngram_rows: int = Field(1 << 16, gt=1, description="Hashed rows of each RQ prefix n-gram table.")
+    gsu_k: int = Field(10, gt=0, description="GSU: history items the ESU attends over.")
+    emb_dim: int = Field(
+        32, gt=0, description="Aligned embeddings are reduced to this by a seeded random projection."
+    )
+    main_task: Literal["click", "like"] = Field("like", description="The task the targets are judged on.")
+    seeds: int = Field(3, gt=0, description="Seeds per ablation variant (mean and spread reported).")
+    seed: int = 0
+    variants: list[str] = Field(
+        default_factory=lambda: ["id_only", "emb", "vq", "rq", "vq_rq", "rkfsq", "vq_rq_target", "vq_rq_gsu"],
+        description="`qarm rank ablate` variants (qarm_dist.rank.model.VARIANTS); rkfsq runs when present.",
+    )
+    variant: str = Field("vq_rq_gsu", description="The variant `qarm rank train` trains.")
+    popularity_buckets: list[int] = Field(
+        default_factory=lambda: [1, 10, 100],
+        description="Bucket edges of train-window interactions per item: [0], [1, 10), [10, 100), [100, inf).",
+    )
+    max_failures: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(8192, ge=0, description="Rows of the local shuffle buffer per worker.")
+
+
 class QarmConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when present, else CPU.")
     tables: TablesConfig = Field(default_factory=TablesConfig)
     spark: SparkConfig = Field(default_factory=SparkConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    clusters: dict[str, ClusterConfig] = Field(
+        default_factory=_default_clusters, description="Named clusters for `qarm submit`, `local` built in."
+    )
     world: WorldConfig = Field(default_factory=WorldConfig)
     split: SplitConfig = Field(default_factory=SplitConfig)
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     codebook: CodebookConfig = Field(default_factory=CodebookConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
+    samples: SamplesConfig = Field(default_factory=SamplesConfig)
+    rank: RankConfig = Field(default_factory=RankConfig)
+
+    @field_validator("clusters", mode="before")
+    @classmethod
+    def _onto_default_clusters(cls, given: Any) -> Any:
+        """Entries add to the built-in clusters; naming one (``--set clusters.local.root=X``) changes only
+        the fields given, instead of dropping the rest of that entry."""
+        if not isinstance(given, dict):
+            return given
+        merged: dict[str, Any] = {name: c.model_dump() for name, c in _default_clusters().items()}
+        for name, entry in given.items():
+            merged[name] = {**merged.get(name, {}), **entry} if isinstance(entry, dict) else entry
+        return merged
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

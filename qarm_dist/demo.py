@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from qarm_dist import align
 from qarm_dist.codebook import stage as codebook
 from qarm_dist.config import QarmConfig
 from qarm_dist.data.ingest import write_movielens, write_world
@@ -39,6 +40,14 @@ def run_codes(cfg: QarmConfig, run_id: str) -> dict[str, Any]:
     return out
 
 
+def run_alignment(cfg: QarmConfig, run_id: str) -> dict[str, Any]:
+    """Train ``align.seeds`` models, embed every item with the first, and evaluate them all."""
+    ac = cfg.align
+    infos = align.train_models(cfg, f"{run_id}-align", list(range(ac.seed, ac.seed + ac.seeds)))
+    align.run_embed(cfg, run_id, infos[0].version)
+    return align.evaluate(cfg, infos)
+
+
 def run_demo(cfg: QarmConfig, run_id: str, movielens: str | None = None) -> dict[str, Any]:
     """Run the pipeline on the configured world (or a MovieLens folder) and write the report.
 
@@ -48,25 +57,28 @@ def run_demo(cfg: QarmConfig, run_id: str, movielens: str | None = None) -> dict
     if "://" in tables.root:
         raise ValueError("qarm demo writes its report next to the tables: give a local --root")
     if movielens:
-        log.info("[1/5] ingest MovieLens from %s", movielens)
+        log.info("[1/6] ingest MovieLens from %s", movielens)
         write_movielens(cfg, movielens, run_id)
         name = f"movielens ({Path(movielens).name})"
     else:
-        log.info("[1/5] generate the %s world (seed %d)", cfg.world.size, cfg.world.seed)
+        log.info("[1/6] generate the %s world (seed %d)", cfg.world.size, cfg.world.seed)
         write_world(cfg, run_id)
         name = f"world:{cfg.world.size} (seed {cfg.world.seed})"
-    log.info("[2/5] embed item text with %s", cfg.encoder.name)
+    log.info("[2/6] embed item text with %s", cfg.encoder.name)
     run_embed(cfg, run_id)
-    log.info("[3/5] build item pairs")
+    log.info("[3/6] build item pairs")
     _, pairs = run_pairs(cfg, run_id)
-    log.info("[4/5] codebooks: residual K-means (rq) and Res-KmeansFSQ (rkfsq)")
+    log.info("[4/6] align item embeddings to the pairs (%d seeds)", cfg.align.seeds)
+    alignment = run_alignment(cfg, run_id)
+    log.info("[5/6] codebooks on the aligned embeddings: residual K-means (rq) and Res-KmeansFSQ (rkfsq)")
     codes = run_codes(cfg, run_id)
-    log.info("[5/5] summarise and write the report")
+    log.info("[6/6] summarise and write the report")
     spark = spark_session(cfg)
     report: dict[str, Any] = {
         "run_id": run_id,
         "dataset": dataset_summary(spark, tables, tables_eval_start(tables, cfg.split.eval_fraction), name),
         "pairs": pairs,
+        "alignment": alignment,
         "codes": codes,
     }
     report["tables"] = tables_section(tables)

@@ -10,6 +10,7 @@ address, and Ray 2.60 otherwise turns on token auth.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from typing import TYPE_CHECKING
 
@@ -52,6 +53,7 @@ def spark_session(cfg: QarmConfig) -> SparkSession:
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
         .config("spark.log.level", "WARN")
         .config("spark.executorEnv.PYSPARK_PYTHON", os.environ["PYSPARK_PYTHON"])
     )
@@ -66,6 +68,9 @@ def spark_session(cfg: QarmConfig) -> SparkSession:
     return session
 
 
+_API = "RAY_API_SERVER_ADDRESS"
+
+
 def ray_init(cfg: QarmConfig) -> None:
     """Connect to ``cfg.ray.address`` or start a local Ray on 127.0.0.1 (idempotent)."""
     set_process_env()
@@ -77,14 +82,38 @@ def ray_init(cfg: QarmConfig) -> None:
     if rc.address:
         ray.init(address=rc.address, log_to_driver=True)
         return
-    ray.init(
-        num_cpus=rc.num_cpus,
-        object_store_memory=rc.object_store_memory,
-        include_dashboard=False,
-        log_to_driver=True,
-        configure_logging=True,
-        logging_level="WARNING",
-    )
+    # Ray Train's placement-group cleaner asks the state API (served by the dashboard) whether the
+    # training controller is alive. Without a dashboard, or with another Ray instance on the machine,
+    # its address auto-detection fails or finds the *other* cluster, which reports the controller as
+    # unknown, and the cleaner then removes the placement group of a run that is alive (seen: a
+    # spurious worker-group restart after the last epoch). So run the dashboard on a port of our own
+    # and name it to every process this Ray starts: they inherit the environment ray.init sees. It is
+    # restored afterwards, so later subprocesses (a cluster this process starts) do not inherit it.
+    port = _free_port()
+    before = os.environ.get(_API)
+    os.environ[_API] = f"http://127.0.0.1:{port}"
+    try:
+        ray.init(
+            num_cpus=rc.num_cpus,
+            object_store_memory=rc.object_store_memory,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            log_to_driver=True,
+            configure_logging=True,
+            logging_level="WARNING",
+        )
+    finally:
+        if before is None:
+            os.environ.pop(_API, None)
+        else:
+            os.environ[_API] = before
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def torch_device(cfg: QarmConfig) -> str:

@@ -112,6 +112,63 @@ def _pairs_md(p: dict[str, Any], plots: Path) -> list[str]:
     ]
 
 
+def _alignment_md(a: dict[str, Any], plots: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hr = a["hit_rate"]
+    ks = sorted(int(k) for k in hr["raw"])
+    std = a["spread"]["aligned_std"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    styles = {
+        "raw": ("#bbbbbb", "raw content"),
+        "aligned": ("#4477aa", "aligned"),
+        "behaviour": ("#cc6677", "behaviour (ALS)"),
+    }
+    for key, (colour, label) in styles.items():
+        if key in hr:
+            left.plot(ks, [hr[key][str(k)] for k in ks], marker="o", color=colour, label=label)
+    left.fill_between(
+        ks,
+        [hr["aligned"][str(k)] - std[str(k)] for k in ks],
+        [hr["aligned"][str(k)] + std[str(k)] for k in ks],
+        color="#4477aa",
+        alpha=0.2,
+    )
+    left.set_xscale("log")
+    left.set_xlabel("K")
+    left.set_ylabel("hit rate@K")
+    left.set_title(f"held-out pairs ({a['heldout_pairs']}, both directions)")
+    left.legend()
+    hist = a.get("history", [])
+    right.plot([h["epoch"] for h in hist], [h["loss"] for h in hist], marker="o", color="#4477aa")
+    right.set_xlabel("epoch")
+    right.set_ylabel("InfoNCE loss (global batch)")
+    right.set_title(f"training, seed {a['spread']['seeds'][0] if a['spread']['seeds'] else '?'}")
+    fig.tight_layout()
+    fig.savefig(plots / "alignment.png", dpi=110)
+    plt.close(fig)
+    seeds = len(a["spread"]["seeds"])
+    lines = [
+        "## Alignment",
+        "",
+        f"Trained on {a['train_pairs']} train pairs for {a['epochs']} epochs, {seeds} seeds; evaluated on "
+        f"{a['heldout_pairs']} held-out pairs from the evaluation window ({a['queries']} queries, both "
+        f"directions) searching all {a['items']} items.",
+        "",
+        "| K | raw content | aligned (mean ± std over seeds) | aligned / raw | behaviour-only (ALS) |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for k in ks:
+        raw, al = hr["raw"][str(k)], hr["aligned"][str(k)]
+        ratio = f"{al / raw:.2f}x" if raw else "n/a"
+        beh = f"{hr['behaviour'][str(k)]:.4f}" if "behaviour" in hr else "n/a"
+        lines.append(f"| {k} | {raw:.4f} | {al:.4f} ± {std[str(k)]:.4f} | {ratio} | {beh} |")
+    return [*lines, "", "![alignment](plots/alignment.png)", ""]
+
+
 def _codes_md(codes: dict[str, Any], plots: Path) -> list[str]:
     import matplotlib
 
@@ -186,6 +243,7 @@ def _tables_md(t: dict[str, dict[str, int]]) -> list[str]:
 _RENDERERS = {
     "dataset": _dataset_md,
     "pairs": _pairs_md,
+    "alignment": _alignment_md,
     "codes": _codes_md,
     "tables": lambda t, _: _tables_md(t),
 }

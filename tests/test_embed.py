@@ -61,6 +61,8 @@ def test_embed_refuses_an_empty_items_table(ray_local, tiny_cfg):
 def test_a_layout_that_would_starve_ray_data_is_refused(ray_local, tiny_cfg):
     write_world(tiny_cfg, "w")
     cfg = tiny_cfg.model_copy(update={"encoder": tiny_cfg.encoder.model_copy(update={"actors": 2})})
-    with pytest.raises(ValueError, match="2 x 1.0 holds 2 of the cluster's 2 CPUs"):
+    with pytest.raises(
+        ValueError, match="encoder.actors x encoder.cpus_per_actor = 2 x 1.0 holds 2 of the cluster's 2 CPUs"
+    ):
         run_embed(cfg, "emb-starved")
     assert not Tables(tiny_cfg.tables.root).exists("item_content_emb")

@@ -32,7 +32,7 @@ from pyspark.sql import SparkSession
 
 from qarm_dist.codebook.fsq import FSQParams, fit_fsq, fsq_decode, fsq_encode
 from qarm_dist.codebook.kmeans import ResidualCodebook, assign, init_centroids, rq_encode, update
-from qarm_dist.io.delta import Snapshot, TableError, _filesystem
+from qarm_dist.io.delta import Snapshot, TableError, filesystem
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def read_vectors(
     """(item ids, (n, dim) float32 vectors) of some table files; only ``allowed_ids`` if given (sorted)."""
     ids, vecs = [], []
     for uri in files:
-        fs, path = _filesystem(uri, storage_options)
+        fs, path = filesystem(uri, storage_options)
         with fs.open_input_file(path) as fh:
             t = pq.read_table(fh, columns=["item_id", column])
         item = t.column("item_id").to_numpy()

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 
+from qarm_dist.hashing import mix64, uniform01
+
 if TYPE_CHECKING:
     from qarm_dist.config import WorldConfig
 
@@ -298,19 +300,6 @@ _FRESH = 4  # of those, drawn from items created in the last week (a feed's push
 _FRESH_DAYS = 7
 
 
-def _mix(x: np.ndarray, salt: int) -> np.ndarray:
-    """splitmix64 of (x, salt): a fast, vectorised, well-spread uint64 hash."""
-    with np.errstate(over="ignore"):
-        z = x.astype(np.uint64) + np.uint64((salt * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def _uniform(x: np.ndarray, salt: int) -> np.ndarray:
-    return (_mix(x, salt) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-
-
 def _normalize(v: np.ndarray) -> np.ndarray:
     return (v / np.linalg.norm(v, axis=-1, keepdims=True)).astype(np.float32)
 
@@ -368,11 +357,11 @@ class World:
         tab = self._tables()
         t = len(TOPICS)
         s = self.seed * 1000
-        content = (_mix(ids, s + 1) % np.uint64(t)).astype(np.int64)
-        mismatched = _uniform(ids, s + 2) < self.mismatch
-        shift = 1 + (_mix(ids, s + 3) % np.uint64(t - 1)).astype(np.int64)
+        content = (mix64(ids, s + 1) % np.uint64(t)).astype(np.int64)
+        mismatched = uniform01(ids, s + 2) < self.mismatch
+        shift = 1 + (mix64(ids, s + 3) % np.uint64(t - 1)).astype(np.int64)
         behaviour = np.where(mismatched, (content + shift) % t, content)
-        noise = tab["behaviour_noise"][(_mix(ids, s + 4) % np.uint64(_N_NOISE)).astype(np.int64)]
+        noise = tab["behaviour_noise"][(mix64(ids, s + 4) % np.uint64(_N_NOISE)).astype(np.int64)]
         factor = _normalize(tab["behaviour_proto"][behaviour] + 0.45 * noise)
         return {
             "content_topic": content,
@@ -384,7 +373,7 @@ class World:
 
     def popularity(self, ids: np.ndarray) -> np.ndarray:
         """Pareto weight of each item: how often it is drawn as a candidate."""
-        u = np.clip(_uniform(np.asarray(ids, dtype=np.int64), self.seed * 1000 + 5), 1e-9, 1.0)
+        u = np.clip(uniform01(np.asarray(ids, dtype=np.int64), self.seed * 1000 + 5), 1e-9, 1.0)
         return np.minimum(u ** (-1.0 / self.pareto_shape), 1e4)
 
     def _popularity_cdf(self, chunk_rows: int = 1_000_000) -> np.ndarray:
@@ -400,8 +389,8 @@ class World:
     def _word_index(self, ids: np.ndarray, content: np.ndarray) -> np.ndarray:
         """Three distinct words of the item's content topic, as indices into the word list."""
         s = self.seed * 1000
-        first = (_mix(ids, s + 6) % np.uint64(_WORDS_PER_TOPIC)).astype(np.int64)
-        step = 1 + (_mix(ids, s + 7) % np.uint64(_WORDS_PER_TOPIC // 3)).astype(np.int64)
+        first = (mix64(ids, s + 6) % np.uint64(_WORDS_PER_TOPIC)).astype(np.int64)
+        step = 1 + (mix64(ids, s + 7) % np.uint64(_WORDS_PER_TOPIC // 3)).astype(np.int64)
         k = (first[:, None] + step[:, None] * np.arange(3)) % _WORDS_PER_TOPIC
         return content[:, None] * _WORDS_PER_TOPIC + k
 
@@ -409,7 +398,7 @@ class World:
         """Creation time, increasing with id: old items over the prior year, new ones over the days."""
         ids = np.asarray(ids, dtype=np.int64)
         n_old = int(self.n_items * _OLD_SHARE)
-        jitter = _uniform(ids, self.seed * 1000 + 8)
+        jitter = uniform01(ids, self.seed * 1000 + 8)
         old = _T0 - ((n_old - ids) - jitter) * (365 * _DAY / max(n_old, 1))
         new = _T0 + ((ids - n_old) + jitter) / max(self.n_items - n_old, 1) * self.days * _DAY
         return np.where(ids < n_old, old, new).astype(np.int64)
@@ -428,8 +417,8 @@ class World:
             content = self.item_truth(ids)["content_topic"]
             w = _WORDS[self._word_index(ids, content)]
             s = self.seed * 1000
-            adj = np.array(ADJECTIVES)[(_mix(ids, s + 9) % np.uint64(len(ADJECTIVES))).astype(np.int64)]
-            fmt = np.array(FORMATS)[(_mix(ids, s + 10) % np.uint64(len(FORMATS))).astype(np.int64)]
+            adj = np.array(ADJECTIVES)[(mix64(ids, s + 9) % np.uint64(len(ADJECTIVES))).astype(np.int64)]
+            fmt = np.array(FORMATS)[(mix64(ids, s + 10) % np.uint64(len(FORMATS))).astype(np.int64)]
             text = adj
             for part in (" ", fmt, " ", w[:, 0], ", ", w[:, 1], " and ", w[:, 2]):
                 text = np.char.add(text, part)
@@ -463,9 +452,9 @@ class World:
         tab = self._tables()
         t = len(TOPICS)
         s = self.seed * 1000 + 100
-        a = (_mix(users, s + 1) % np.uint64(t)).astype(np.int64)
-        b = (a + 1 + (_mix(users, s + 2) % np.uint64(t - 1)).astype(np.int64)) % t
-        noise = tab["behaviour_noise"][(_mix(users, s + 3) % np.uint64(_N_NOISE)).astype(np.int64)]
+        a = (mix64(users, s + 1) % np.uint64(t)).astype(np.int64)
+        b = (a + 1 + (mix64(users, s + 2) % np.uint64(t - 1)).astype(np.int64)) % t
+        noise = tab["behaviour_noise"][(mix64(users, s + 3) % np.uint64(_N_NOISE)).astype(np.int64)]
         return _normalize(tab["behaviour_proto"][a] + 0.6 * tab["behaviour_proto"][b] + 0.3 * noise)
 
     def interactions(self, users_per_chunk: int = 2000) -> Iterator[pa.Table]:

@@ -150,7 +150,8 @@ class StagedFile:
         return asdict(self)
 
 
-def _filesystem(uri: str, storage_options: dict[str, str] | None) -> tuple[pafs.FileSystem, str]:
+def filesystem(uri: str, storage_options: dict[str, str] | None) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of ``uri`` and the path inside it (local paths made absolute)."""
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(uri)
     return pafs.FileSystem.from_uri(uri)
@@ -185,7 +186,7 @@ def stage(
     invisible to readers until the driver commits it.
     """
     t = validate(table_spec, data, dim)
-    fs, base = _filesystem(table_uri, storage_options)
+    fs, base = filesystem(table_uri, storage_options)
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)  # the run id names files; keep it path-safe
     rel = f"part-{safe}-{uuid.uuid4().hex[:12]}.parquet"
     fs.create_dir(base, recursive=True)
@@ -316,7 +317,7 @@ class Tables:
         if columns is not None:
             target = pa.schema([target.field(c) for c in columns])
         for uri in snap.files:
-            fs, path = _filesystem(uri, self.storage_options)
+            fs, path = filesystem(uri, self.storage_options)
             with fs.open_input_file(path) as fh:
                 pf = pq.ParquetFile(fh)
                 for rb in pf.iter_batches(batch_size=batch_rows, columns=target.names):
@@ -440,7 +441,7 @@ class Tables:
 
     def _check_files(self, name: str, files: list[StagedFile], target: pa.Schema) -> None:
         base = self.uri(name)
-        fs, root = _filesystem(base, self.storage_options)
+        fs, root = filesystem(base, self.storage_options)
         for f in files:
             full = f"{root}/{f.path}"
             if fs.get_file_info(full).type != pafs.FileType.File:
@@ -470,7 +471,7 @@ class Tables:
         for bucket in range(n_pass):
             parts = []
             for uri in uris:
-                fs, path = _filesystem(uri, self.storage_options)
+                fs, path = filesystem(uri, self.storage_options)
                 with fs.open_input_file(path) as fh:
                     for rb in pq.ParquetFile(fh).iter_batches(batch_size=1 << 20, columns=list(key)):
                         h = pd.util.hash_pandas_object(rb.to_pandas(), index=False).to_numpy()
@@ -482,7 +483,7 @@ class Tables:
             raise TableError(name, ",".join(key), dup_rows, total, "share their key with another row")
 
     def _discard(self, name: str, files: list[StagedFile]) -> None:
-        fs, root = _filesystem(self.uri(name), self.storage_options)
+        fs, root = filesystem(self.uri(name), self.storage_options)
         for f in files:
             with contextlib.suppress(FileNotFoundError, OSError):
                 fs.delete_file(f"{root}/{f.path}")

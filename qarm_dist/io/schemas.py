@@ -130,10 +130,13 @@ SAMPLES = TableSpec(
         *_LABELS,
         ("history", pa.list_(pa.int64())),
         ("split", pa.string()),
+        ("sampled", pa.int8()),
+        ("item_pop", pa.int64()),
     ),
     key=("user_id", "item_id", "ts"),
-    labels=TASKS,
-    doc="Ranker input: labels plus the user's prior items, time-ordered, split in {train, eval}.",
+    labels=(*TASKS, "sampled"),
+    doc="Ranker input: labels, the user's prior items (oldest first), split in {train, eval}; sampled = 1 "
+    "for a sampled negative; item_pop = the item's interactions in the train window.",
 )
 
 TABLES: dict[str, TableSpec] = {

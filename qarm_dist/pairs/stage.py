@@ -56,6 +56,16 @@ def check_inputs(spark: SparkSession, tables: Tables, judge: PairJudge) -> DataF
     return inter
 
 
+def positive_events(inter: DataFrame, positive: str) -> DataFrame:
+    """``user_id, item_id, ts`` of the interactions whose ``positive`` label is 1."""
+    return inter.filter(F.col(positive) == 1).select("user_id", "item_id", "ts")
+
+
+def train_positives(events: DataFrame, eval_start: int) -> DataFrame:
+    """Distinct ``user_id, item_id`` positives before the evaluation window: all that Swing and ALS see."""
+    return events.filter(F.col("ts") < eval_start).select("user_id", "item_id").distinct()
+
+
 def _judge(spark: SparkSession, tables: Tables, cands: DataFrame, judge: PairJudge) -> DataFrame:
     """Add a boolean ``keep`` column from the judge, evaluated per Arrow batch in the tasks."""
     if not judge.needs:
@@ -105,8 +115,8 @@ def build_pairs(cfg: QarmConfig, spark: SparkSession, tables: Tables) -> tuple[D
     judge = make_judge(pc.judge, pc.judge_min_cosine)
     inter = check_inputs(spark, tables, judge)
     eval_start = tables_eval_start(tables, cfg.split.eval_fraction)
-    events = inter.filter(F.col(pc.positive) == 1).select("user_id", "item_id", "ts")
-    train_pos = events.filter(F.col("ts") < eval_start).select("user_id", "item_id").distinct().cache()
+    events = positive_events(inter, pc.positive)
+    train_pos = train_positives(events, eval_start).cache()
     stats: dict[str, Any] = {"eval_start_ts": eval_start, "positive": pc.positive}
 
     log.info("[pairs 1/4] Swing I2I over train-window positives")

@@ -76,7 +76,7 @@ def u2i_pairs(events: DataFrame, factors: DataFrame, history: int) -> DataFrame:
     cold-start item) takes the most recent history item as its trigger, with
     score 0: the documented fallback.
     """
-    ids, mat = _factor_arrays(factors)
+    ids, mat = factor_arrays(factors)
     spark = events.sparkSession
     b_ids, b_mat = spark.sparkContext.broadcast(ids), spark.sparkContext.broadcast(mat)
 
@@ -117,7 +117,7 @@ def u2i_pairs(events: DataFrame, factors: DataFrame, history: int) -> DataFrame:
     )
 
 
-def _factor_arrays(factors: DataFrame) -> tuple[np.ndarray, np.ndarray]:
+def factor_arrays(factors: DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Sorted item ids and their factor rows, as one Arrow transfer (a model, not a table).
 
     Size: items x rank x 4 bytes (2M items at rank 32: 256 MB), broadcast once to the tasks.

@@ -1,0 +1,244 @@
+"""`qarm align train`: sharded contrastive alignment on Ray Train.
+
+The driver builds the training set once (`data.load_pairs`), and a
+`TorchTrainer` runs `train_loop` on ``align.workers`` workers (DDP, gloo on
+CPU, NCCL on GPU). Each worker streams its shard of the pairs, embeds both
+sides with the tower, and takes a step on the symmetric InfoNCE of the
+*global* batch (`loss.info_nce`). Every epoch, rank 0 checkpoints the tower
+and optimiser and every rank reports the epoch's metrics; a worker that dies
+makes Ray Train restart the group from the last checkpoint
+(``align.max_failures`` times). When the run finishes the driver publishes
+the model (`qarm_dist.models`): its version is the run id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from qarm_dist import faults, models
+from qarm_dist.align.data import PairData, load_pairs, log_frequency
+from qarm_dist.align.loss import Batch, info_nce
+from qarm_dist.align.model import build_tower, save_tower
+from qarm_dist.config import QarmConfig
+from qarm_dist.engines import ray_init, torch_device
+from qarm_dist.io.delta import Tables
+
+log = logging.getLogger(__name__)
+
+KIND = "align"
+STATE, HISTORY = "train_state.pt", "history.json"
+
+
+def tower_spec(cfg: QarmConfig, dim: int | None) -> dict[str, Any]:
+    if cfg.align.mode == "finetune":
+        return {"kind": "text", "encoder": cfg.encoder.name}
+    return {"kind": "residual", "dim": dim, "hidden": cfg.align.hidden}
+
+
+def _ids(batch: pa.Table, col: str) -> torch.Tensor:
+    return torch.from_numpy(batch.column(col).to_numpy().astype(np.int64))
+
+
+def _logq(batch: pa.Table, col: str, endpoints: int) -> torch.Tensor:
+    counts = pc.fill_null(batch.column(col), 1).to_numpy().astype(np.float64)
+    return torch.from_numpy(log_frequency(counts, endpoints))
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """One Ray Train worker: resume from the last checkpoint if any, then epochs of InfoNCE steps."""
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    rank, size = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(config["seed"])
+    tower = build_tower(config["tower"])
+    col = tower.column
+    lr = config["lr"]
+    opt = torch.optim.AdamW(tower.parameters(), lr=lr, weight_decay=config["weight_decay"])
+    start, history = 0, []
+    if ckpt := ray.train.get_checkpoint():
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, STATE), map_location="cpu")
+        tower.load_state_dict(state["tower"])
+        opt.load_state_dict(state["optimizer"])
+        start, history = state["epoch"] + 1, state["history"]
+        print(f"[align] rank {rank}: resumed from the checkpoint of epoch {state['epoch']}")
+    model = ray.train.torch.prepare_model(tower)  # DDP when size > 1, and the right device
+    device = next(model.parameters()).device
+    shard = ray.train.get_dataset_shard("train")
+    per_worker = config["batch_size"] // size
+    for epoch in range(start, config["epochs"]):
+        t0, steps, loss_sum, acc_sum = time.time(), 0, 0.0, 0.0
+        model.train()
+        for batch in shard.iter_batches(
+            batch_size=per_worker,
+            batch_format="pyarrow",
+            drop_last=True,  # every worker takes the same number of equal steps (the all-gather needs it)
+            local_shuffle_buffer_size=config["shuffle_buffer"] or None,
+            local_shuffle_seed=config["seed"] * 1000 + epoch,
+        ):
+            faults.maybe_fail(config["fault"], "align.step", epoch=epoch, step=steps, rank=rank)
+            x = tower.inputs(batch.column(f"trigger_{col}"), batch.column(f"target_{col}"))
+            emb = model(x.to(device) if isinstance(x, torch.Tensor) else x)
+            n = batch.num_rows
+            b = Batch(
+                emb[:n], emb[n:], _ids(batch, "trigger_id").to(device), _ids(batch, "target_id").to(device)
+            )
+            if config["logq"]:
+                b.a_logq = _logq(batch, "trigger_n", config["endpoints"]).to(device)
+                b.b_logq = _logq(batch, "target_n", config["endpoints"]).to(device)
+            to_backward, loss, acc = info_nce(b, config["temperature"])
+            opt.zero_grad(set_to_none=True)
+            to_backward.backward()
+            opt.step()
+            steps, loss_sum, acc_sum = steps + 1, loss_sum + float(loss), acc_sum + float(acc)
+        metrics = {
+            "epoch": epoch,
+            "loss": loss_sum / max(steps, 1),
+            "accuracy": acc_sum / max(steps, 1),
+            "steps": steps,
+            "pairs": steps * config["batch_size"],
+            "seconds": time.time() - t0,
+            "resumed_from": start - 1 if start else None,
+        }
+        history.append(metrics)
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0:
+                state = {"tower": tower.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch}
+                torch.save({**state, "history": history}, os.path.join(d, STATE))
+                with open(os.path.join(d, HISTORY), "w") as fh:
+                    json.dump(history, fh)
+                save_tower(tower, d)
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def train(
+    cfg: QarmConfig, version: str, seed: int | None = None, data: PairData | None = None
+) -> models.ModelInfo:
+    """Train one alignment model (``seed`` defaults to ``align.seed``) and publish it as ``version``.
+
+    A version that is already published is returned as is (re-running a run id trains nothing);
+    one that started but did not finish resumes from its last checkpoint.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    tables = Tables.from_config(cfg)
+    ac = cfg.align
+    seed = ac.seed if seed is None else seed
+    try:
+        return models.find(tables, KIND, version)
+    except FileNotFoundError:
+        pass
+    if ac.batch_size % ac.workers:
+        raise ValueError(f"align.batch_size {ac.batch_size} must be a multiple of align.workers {ac.workers}")
+    ray_init(cfg)
+    column = "text" if ac.mode == "finetune" else "emb"
+    data = data or load_pairs(tables, column, ac.logq, ac.join_partitions)
+    if data.rows < ac.batch_size:
+        raise ValueError(
+            f"table 'item_pairs' has {data.rows} train pairs, fewer than one batch (align.batch_size "
+            f"{ac.batch_size}); lower align.batch_size"
+        )
+    use_gpu = torch_device(cfg) == "cuda"
+    loop_config = {
+        "tower": tower_spec(cfg, data.dim),
+        "lr": ac.finetune_lr if ac.mode == "finetune" else ac.lr,
+        "weight_decay": ac.weight_decay,
+        "epochs": ac.epochs,
+        "batch_size": ac.batch_size,
+        "temperature": ac.temperature,
+        "logq": ac.logq,
+        "endpoints": data.endpoints,
+        "seed": seed,
+        "threads": max(1, int(ac.cpus_per_worker)),
+        "shuffle_buffer": ac.shuffle_buffer,
+        "fault": faults.from_env(),
+    }
+    log.info(
+        "align: training %s (%s tower, seed %d) on %d pairs, %d workers x batch %d, %d epochs",
+        version,
+        loop_config["tower"]["kind"],
+        seed,
+        data.rows,
+        ac.workers,
+        ac.batch_size // ac.workers,
+        ac.epochs,
+    )
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=ac.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": ac.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        ),
+        datasets={"train": data.dataset},
+        run_config=RunConfig(
+            name=version,
+            storage_path=models.storage_path(tables, KIND),
+            failure_config=FailureConfig(max_failures=ac.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise RuntimeError(f"alignment training {version} failed: {result.error}")
+    info = models.ModelInfo(KIND, version, result.checkpoint.path, {})
+    with models.local_checkpoint(info, tables.storage_options) as d, open(os.path.join(d, HISTORY)) as fh:
+        history = json.load(fh)
+    return models.publish(
+        tables,
+        KIND,
+        version,
+        result.checkpoint.path,
+        {
+            "seed": seed,
+            "tower": loop_config["tower"],
+            "config": ac.model_dump(),
+            "pairs_version": data.pairs_version,
+            "train_pairs": data.rows,
+            "content": data.content,
+            "content_version": data.content_version,
+            "column": data.column,
+            "dim": data.dim,
+            "epochs": ac.epochs,
+            "metrics": result.metrics,
+            "history": history,
+        },
+    )
+
+
+def train_models(cfg: QarmConfig, run_id: str, seeds: list[int]) -> list[models.ModelInfo]:
+    """One model per seed, versions ``<run_id>-s<seed>``, sharing one materialised training set."""
+    tables = Tables.from_config(cfg)
+    todo = [s for s in seeds if not _published(tables, f"{run_id}-s{s}")]
+    data = None
+    if todo:
+        ray_init(cfg)
+        column = "text" if cfg.align.mode == "finetune" else "emb"
+        data = load_pairs(tables, column, cfg.align.logq, cfg.align.join_partitions)
+    return [train(cfg, f"{run_id}-s{s}", s, data) for s in seeds]
+
+
+def _published(tables: Tables, version: str) -> bool:
+    try:
+        models.find(tables, KIND, version)
+        return True
+    except FileNotFoundError:
+        return False

@@ -1,0 +1,1 @@
+"""The semantic-ID ranker (QARM): `qarm samples` (Spark) and `qarm rank train | eval | ablate` (Ray Train)."""

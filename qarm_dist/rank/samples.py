@@ -1,0 +1,185 @@
+"""`qarm samples`: time-ordered ranker samples with user history, on Spark.
+
+    interactions ─► per user: last N prior events (numpy kernel, grouped by user) ─┐
+    items (created_ts) ─► sampled negatives (implicit data only) ───────────────────┴─► + split, item_pop ─► samples
+
+- one sample per interaction: user, target item, every task label, and the
+  user's last ``samples.history`` items with ``history_event = 1`` *strictly*
+  before the sample's time (oldest first), so no sample sees its own or a
+  later event;
+- split by the shared time cut (`qarm_dist.data.split`): ``train`` before the
+  evaluation window, ``eval`` from it on; items with no train-window
+  interaction are the cold-start set;
+- ``item_pop`` = the item's interactions in the train window (never the
+  evaluation window), for popularity buckets and the cold-start flag;
+- implicit data (no row with click = 0, like MovieLens ratings) has no
+  negatives to learn from, so ``samples.negatives`` (auto: 1 there) sampled
+  negatives per row are added: items drawn uniformly, by a seeded hash of
+  (user, ts, j), among the items created by the row's time; all labels 0,
+  ``sampled = 1``, the row's history. A draw that hits a real row's key is
+  dropped. The ranker learns click on them and masks them out of the other
+  tasks (a user's like of an item never shown is unknown, not 0).
+
+Written by partition with `write_dataframe`: nothing is collected.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from qarm_dist.config import QarmConfig
+from qarm_dist.data.split import tables_eval_start
+from qarm_dist.engines import spark_session
+from qarm_dist.hashing import mix64
+from qarm_dist.io.delta import CommitResult, TableError, Tables
+from qarm_dist.io.schemas import SAMPLES, TASKS
+from qarm_dist.io.spark import write_dataframe
+
+log = logging.getLogger(__name__)
+
+_HIST_SCHEMA = "user_id long, item_id long, ts long, click byte, like byte, history array<long>"
+
+
+def prior_items(ts: np.ndarray, event_ts: np.ndarray, event_items: np.ndarray, n: int) -> pa.ListArray:
+    """For each time in ``ts``, the last ``n`` events strictly before it (oldest first).
+
+    ``event_ts`` must be sorted (ties in any fixed order); vectorised, no loop over rows.
+    """
+    end = np.searchsorted(event_ts, ts, side="left")  # events strictly before each row
+    start = np.maximum(end - n, 0)
+    lengths = end - start
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    idx = np.repeat(start - offsets[:-1], lengths) + np.arange(offsets[-1])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(event_items[idx], pa.int64()))
+
+
+def _history_fn(n: int, event: str):
+    def per_user(t: pa.Table) -> pa.Table:
+        ts = t.column("ts").to_numpy()
+        items = t.column("item_id").to_numpy()
+        is_event = t.column(event).to_numpy() == 1
+        order = np.lexsort((items, ts))
+        ev = order[is_event[order]]
+        hist = prior_items(ts, ts[ev], items[ev], n)
+        return t.select(["user_id", "item_id", "ts", "click", "like"]).append_column("history", hist)
+
+    return per_user
+
+
+def negatives(
+    rows: pa.RecordBatch, k: int, seed: int, created_sorted: np.ndarray, ids_by_created: np.ndarray
+) -> pa.RecordBatch:
+    """``k`` sampled negatives per row: items created by the row's time, uniform by a seeded hash.
+
+    The hash keys on (user, ts, the row's item, j), so rows that share a user and a time (a user
+    rating a batch of movies at once) still draw different items.
+    """
+    n = rows.num_rows
+    user = np.repeat(rows.column("user_id").to_numpy(), k)
+    ts = np.repeat(rows.column("ts").to_numpy(), k)
+    real_item = np.repeat(rows.column("item_id").to_numpy(), k)
+    j = np.tile(np.arange(k, dtype=np.int64), n)
+    available = np.maximum(np.searchsorted(created_sorted, ts, side="right"), 1)
+    key = mix64(user, seed) ^ mix64(ts, seed + 1) ^ mix64(real_item, seed + 2) ^ mix64(j, seed + 3)
+    pick = (key % available.astype(np.uint64)).astype(np.int64)
+    hist = rows.column("history")
+    take = np.repeat(np.arange(n), k)
+    zeros = pa.array(np.zeros(n * k, np.int8))
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array(user),
+            pa.array(ids_by_created[pick]),
+            pa.array(ts),
+            zeros,
+            zeros,
+            hist.take(pa.array(take)),
+        ],
+        names=["user_id", "item_id", "ts", "click", "like", "history"],
+    )
+
+
+def check_inputs(spark: SparkSession, tables: Tables) -> DataFrame:
+    snap = tables.snapshot("interactions")
+    if snap.rows == 0:
+        raise TableError("interactions", None, 0, 0, "exist: the table is empty, so there are no samples")
+    inter = tables.spark(spark, "interactions")
+    unknown = inter.join(tables.spark(spark, "items", columns=["item_id"]), "item_id", "left_anti").count()
+    if unknown:
+        raise TableError(
+            "interactions", "item_id", unknown, snap.rows, "name items that are not in table 'items'"
+        )
+    return inter
+
+
+def build_samples(cfg: QarmConfig, spark: SparkSession, tables: Tables) -> tuple[DataFrame, dict[str, Any]]:
+    """The `samples` rows as a DataFrame (lazy) and the job's stats."""
+    sc = cfg.samples
+    inter = check_inputs(spark, tables).select("user_id", "item_id", "ts", *TASKS)
+    eval_start = tables_eval_start(tables, cfg.split.eval_fraction)
+    real = inter.groupBy("user_id").applyInArrow(_history_fn(sc.history, sc.history_event), _HIST_SCHEMA)
+    k = sc.negatives
+    if k is None:
+        k = 1 if inter.filter(F.col("click") == 0).limit(1).count() == 0 else 0
+    rows = real.withColumn("sampled", F.lit(0).cast("byte"))
+    if k:
+        items = tables.spark(spark, "items", columns=["item_id", "created_ts"]).orderBy(
+            "created_ts", "item_id"
+        )
+        cat = items.toArrow()  # 16 bytes per item: a model of the catalogue, not a table collect
+        created, ids = cat.column("created_ts").to_numpy(), cat.column("item_id").to_numpy()
+        b = spark.sparkContext.broadcast((created, ids))
+        seed = sc.seed
+
+        def sample(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            c, i = b.value
+            for rb in batches:
+                if rb.num_rows:
+                    yield negatives(rb, k, seed, c, i)
+
+        drawn = real.mapInArrow(sample, _HIST_SCHEMA)
+        drawn = drawn.join(real.select("user_id", "item_id", "ts"), ["user_id", "item_id", "ts"], "left_anti")
+        drawn = drawn.dropDuplicates(["user_id", "item_id", "ts"])
+        rows = rows.unionByName(drawn.withColumn("sampled", F.lit(1).cast("byte")))
+    pop = inter.filter(F.col("ts") < eval_start).groupBy("item_id").agg(F.count("*").alias("item_pop"))
+    out = (
+        rows.join(pop, "item_id", "left")
+        .withColumn("item_pop", F.coalesce("item_pop", F.lit(0)).cast("long"))
+        .withColumn("split", F.when(F.col("ts") >= eval_start, "eval").otherwise("train"))
+        .select(*SAMPLES.columns)
+    )
+    return out, {"eval_start_ts": eval_start, "negatives_per_row": k, "history": sc.history}
+
+
+def run_samples(cfg: QarmConfig, run_id: str) -> tuple[CommitResult, dict[str, Any]]:
+    """Build and commit `samples`; returns the commit and the counts by split."""
+    tables = Tables.from_config(cfg)
+    if done := tables.already_committed("samples", run_id):
+        log.info("run %s already committed samples; nothing to do", run_id)
+        return done, {}
+    spark = spark_session(cfg)
+    samples, stats = build_samples(cfg, spark, tables)
+    samples = samples.cache()
+    counts = samples.groupBy("split", "sampled").agg(
+        F.count("*").alias("rows"),
+        F.countDistinct("user_id").alias("users"),
+        F.sum((F.col("item_pop") == 0).cast("long")).alias("cold_rows"),
+    )
+    stats["counts"] = {
+        f"{r['split']}/{'sampled' if r['sampled'] else 'real'}": {
+            "rows": r["rows"],
+            "users": r["users"],
+            "cold_rows": r["cold_rows"],
+        }
+        for r in counts.collect()
+    }
+    log.info("samples: %s", stats["counts"])
+    result = write_dataframe(samples, tables, "samples", run_id, mode="overwrite", info=stats)
+    samples.unpersist()
+    return result, stats
