@@ -157,6 +157,39 @@ def cmd_align(args: argparse.Namespace) -> None:
             )
 
 
+def cmd_samples(args: argparse.Namespace) -> None:
+    cfg = _cfg(args)
+    from qarm_dist.rank.samples import run_samples
+
+    result, stats = run_samples(cfg, _run_id(args, "samples"))
+    _print_commits({"samples": result})
+    if stats:
+        print(json.dumps(stats["counts"]))
+
+
+def cmd_rank(args: argparse.Namespace) -> None:
+    overrides = list(getattr(args, "overrides", None) or [])
+    if getattr(args, "variant", None):
+        overrides.append(f"rank.variant={args.variant}")
+    args.overrides = overrides
+    cfg = _cfg(args)
+    from qarm_dist.rank import evaluate, train
+
+    if args.action == "train":
+        info = train.train(cfg, _run_id(args, "rank"))
+        result = info.meta["results"][-1]
+        main = result["eval"][cfg.rank.main_task]
+        print(
+            f"model {info.version} ({result['variant']}, seed {result['seed']}): {cfg.rank.main_task} "
+            f"AUC {main['auc']:.4f}, GAUC {main['gauc']:.4f}, cold-start AUC {main['auc_cold']:.4f} "
+            f"on {main['rows']} eval rows ({main['cold_rows']} cold)"
+        )
+    elif args.action == "eval":
+        print(json.dumps(evaluate.evaluate(cfg, args.model), indent=2))
+    else:
+        print(json.dumps(train.ablate(cfg, _run_id(args, "rank-ablate")), indent=2))
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     sub = submit.resolve(
         args.stage,
@@ -297,6 +330,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the exact command, submit nothing")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the job after this long (exit 2)")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser(
+        "samples", parents=[common], help="ranker samples with user history into samples (Spark)"
+    )
+    p.set_defaults(func=cmd_samples)
+
+    p = sub.add_parser(
+        "rank", parents=[common], help="the multi-task semantic-ID ranker: train, eval, ablate (Ray)"
+    )
+    rsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    pt = rsub.add_parser("train", parents=[common], help="train one variant (rank.variant) and evaluate it")
+    pt.add_argument(
+        "--variant", help="a variant of qarm_dist.rank.model.VARIANTS (default: config rank.variant)"
+    )
+    pv = rsub.add_parser(
+        "eval", parents=[common], help="evaluate a published ranker on the eval window (JSON)"
+    )
+    pv.add_argument("--model", help="model version (default: the latest published)")
+    rsub.add_parser("ablate", parents=[common], help="every rank.variants x rank.seeds, same data (JSON)")
+    p.set_defaults(func=cmd_rank)
 
     p = sub.add_parser(
         "tables", parents=[common], help="list the tables under the root with version and rows"

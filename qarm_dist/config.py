@@ -35,6 +35,21 @@ class TablesConfig(_Section):
         262_144, gt=0, description="Rows per Parquet file a writer aims for; bigger files, fewer commits."
     )
 
+    @field_validator("storage_options", mode="before")
+    @classmethod
+    def _options_as_strings(cls, given: Any) -> Any:
+        """YAML and ``--set`` read ``AWS_ALLOW_HTTP: true`` as a bool; deltalake wants the string 'true'."""
+        if not isinstance(given, dict):
+            return given
+        out = {}
+        for key, value in given.items():
+            if isinstance(value, bool):
+                value = str(value).lower()
+            elif isinstance(value, (int, float)):
+                value = str(value)  # a port or a timeout
+            out[key] = value
+        return out
+
 
 class SparkConfig(_Section):
     master: str = Field("local[*]", description="Spark master URL, e.g. spark://host:7077.")

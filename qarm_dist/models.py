@@ -40,6 +40,28 @@ def storage_path(tables: Tables, kind: str) -> str:
     return f"{tables.root.rstrip('/')}/_models/{kind}"
 
 
+def train_storage(tables: Tables, kind: str) -> tuple[str, pafs.FileSystem | None]:
+    """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig``.
+
+    From an ``s3://`` URI alone Ray would build an S3 client without the endpoint and keys in
+    ``tables.storage_options``, so an object-store root gets the filesystem of those options and the
+    path inside it; a local root stays a plain path. Checkpoints then come back as paths inside that
+    filesystem: `checkpoint_uri` turns them back into URIs for the registry.
+    """
+    uri = storage_path(tables, kind)
+    if "://" not in uri:
+        return uri, None
+    fs, path = filesystem(uri, tables.storage_options)
+    return path, fs
+
+
+def checkpoint_uri(tables: Tables, path: str) -> str:
+    """The URI of a checkpoint that Ray Train names by its path inside `train_storage`'s filesystem."""
+    if "://" not in tables.root:
+        return path
+    return f"{tables.root.split('://', 1)[0]}://{path}"
+
+
 def run_uri(tables: Tables, kind: str, version: str) -> str:
     return f"{storage_path(tables, kind)}/{version}"
 

@@ -179,6 +179,7 @@ def train(
         ac.batch_size // ac.workers,
         ac.epochs,
     )
+    storage, storage_fs = models.train_storage(tables, KIND)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -191,7 +192,8 @@ def train(
         datasets={"train": data.dataset},
         run_config=RunConfig(
             name=version,
-            storage_path=models.storage_path(tables, KIND),
+            storage_path=storage,
+            storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=ac.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -199,14 +201,14 @@ def train(
     result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"alignment training {version} failed: {result.error}")
-    info = models.ModelInfo(KIND, version, result.checkpoint.path, {})
+    info = models.ModelInfo(KIND, version, models.checkpoint_uri(tables, result.checkpoint.path), {})
     with models.local_checkpoint(info, tables.storage_options) as d, open(os.path.join(d, HISTORY)) as fh:
         history = json.load(fh)
     return models.publish(
         tables,
         KIND,
         version,
-        result.checkpoint.path,
+        info.checkpoint,
         {
             "seed": seed,
             "tower": loop_config["tower"],

@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import re
 import time
 import uuid
@@ -38,9 +39,10 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, Transaction
-from deltalake.exceptions import TableNotFoundError
+from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction
 
+from qarm_dist.io import objectstore
 from qarm_dist.io.schemas import TableSpec, spec
 
 if TYPE_CHECKING:  # engines are optional at import time
@@ -50,6 +52,8 @@ if TYPE_CHECKING:  # engines are optional at import time
 DIM_KEY = "qarm.dim"
 #: key hashes held in memory at once by the duplicate check (8 bytes each)
 _HASHES_PER_PASS = 32_000_000
+#: tries of a commit that other writers keep beating to the next version
+_COMMIT_ATTEMPTS = 20
 
 
 class TableError(ValueError):
@@ -151,9 +155,16 @@ class StagedFile:
 
 
 def filesystem(uri: str, storage_options: dict[str, str] | None) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem of ``uri`` and the path inside it (local paths made absolute)."""
+    """The pyarrow filesystem of ``uri`` and the path inside it (local paths made absolute).
+
+    ``s3://`` and ``s3a://`` URIs get an S3 filesystem built from the same deltalake-style options
+    the Delta log uses (endpoint, keys, region), so staged files and reads go where commits go.
+    A fresh filesystem per call: it is cheap, and nothing process-bound travels to workers.
+    """
     if "://" not in uri:
         return pafs.LocalFileSystem(), os.path.abspath(uri)
+    if objectstore.is_s3(uri):
+        return objectstore.s3_filesystem(storage_options), uri.split("://", 1)[1]
     return pafs.FileSystem.from_uri(uri)
 
 
@@ -189,12 +200,27 @@ def stage(
     fs, base = filesystem(table_uri, storage_options)
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)  # the run id names files; keep it path-safe
     rel = f"part-{safe}-{uuid.uuid4().hex[:12]}.parquet"
-    fs.create_dir(base, recursive=True)
+    if isinstance(fs, pafs.LocalFileSystem):  # object stores have no folders to make
+        fs.create_dir(base, recursive=True)
     full = f"{base}/{rel}"
     pq.write_table(t, full, filesystem=fs, compression="zstd")
     info = fs.get_file_info(full)
     mtime = info.mtime.timestamp() if info.mtime else time.time()
     return StagedFile(rel, int(info.size), int(mtime * 1000), t.num_rows, _stats(t))
+
+
+def read_file(
+    uri: str, storage_options: dict[str, str] | None, schema: pa.Schema, batch_rows: int = 65_536
+) -> Iterator[pa.RecordBatch]:
+    """Stream one Parquet file of a table as batches of ``schema``: its columns, cast to its types.
+
+    The cast makes every batch identical in type, whichever writer made the file (deltalake
+    appends store fixed-size lists as plain lists), which Spark's Arrow exchange requires.
+    """
+    fs, path = filesystem(uri, storage_options)
+    with fs.open_input_file(path) as fh:
+        for rb in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=schema.names):
+            yield rb.cast(schema)
 
 
 # ------------------------------------------------------------------- tables
@@ -226,6 +252,7 @@ class Tables:
     """The tables under one root (a folder or an object-store URI)."""
 
     def __init__(self, root: str, storage_options: dict[str, str] | None = None):
+        objectstore.check_options(root, storage_options)
         self.root = root if "://" in root else os.path.abspath(root)
         self.storage_options = dict(storage_options or {})
 
@@ -317,20 +344,25 @@ class Tables:
         if columns is not None:
             target = pa.schema([target.field(c) for c in columns])
         for uri in snap.files:
-            fs, path = filesystem(uri, self.storage_options)
-            with fs.open_input_file(path) as fh:
-                pf = pq.ParquetFile(fh)
-                for rb in pf.iter_batches(batch_size=batch_rows, columns=target.names):
-                    yield rb.cast(target)
+            yield from read_file(uri, self.storage_options, target, batch_rows)
 
     def spark(
         self, session: SparkSession, name: str, version: int | None = None, columns: list[str] | None = None
     ) -> DataFrame:
-        """A Spark DataFrame over a pinned snapshot (no delta-spark jars needed)."""
+        """A Spark DataFrame over a pinned snapshot (no delta-spark jars needed).
+
+        Spark's Parquet reader reads local files; object-store files are read by pyarrow inside
+        the Python tasks (`qarm_dist.io.spark.read_files`), since pip's pyspark has no S3A connector.
+        """
         from pyspark.sql.pandas.types import from_arrow_schema
 
         snap = self.snapshot(name, version)
         target = spec(name).schema(snap.dim) if spec(name).emb_columns else spec(name).schema()
+        if snap.files and objectstore.is_s3(snap.uri):
+            from qarm_dist.io.spark import read_files
+
+            chosen = pa.schema([target.field(c) for c in columns or target.names])
+            return read_files(session, snap.files, chosen, self.storage_options)
         if snap.files:
             df = session.read.parquet(*snap.files)
         else:
@@ -348,7 +380,9 @@ class Tables:
         if not snap.files:
             empty = target.empty_table()
             return ray.data.from_arrow(empty.select(columns) if columns else empty)
-        return ray.data.read_parquet(snap.files, columns=columns or target.names)
+        fs, _ = filesystem(snap.uri, self.storage_options)  # one filesystem for every file, S3 or local
+        paths = [filesystem(f, self.storage_options)[1] for f in snap.files]
+        return ray.data.read_parquet(paths, filesystem=fs, columns=columns or target.names)
 
     # -- writes
     def writer(
@@ -380,36 +414,76 @@ class Tables:
 
         On any failure the staged files are deleted and the table keeps its
         version. A run id that already committed here commits nothing again.
+
+        Concurrent writers (other processes or machines) are handled optimistically: the checks
+        run against the version read, and the commit must land on exactly the next version
+        (deltalake's own retries are off, as they would skip our checks). When another writer
+        took that version, everything that depends on the table is checked again against the new
+        one and the commit retried: a key check never passes against a stale table, and when the
+        winner was a twin with the same run id, this commit becomes a skip.
         """
         if mode not in ("append", "overwrite"):
             raise ValueError(f"mode must be 'append' or 'overwrite', not {mode!r}")
         files = [s if isinstance(s, StagedFile) else StagedFile(**s) for s in staged]
         table_spec = spec(name)
-        done = self.already_committed(name, run_id)
-        if done is not None:
-            self._discard(name, files)
-            return done
-        dt = self._open(name)
+        target = None
         try:
-            if table_spec.emb_columns:
-                stored_dim = None if dt is None else self._check_schema(name, dt)
-                if dim is None:
-                    raise ValueError(f"table {name}: commit needs the embedding dimension")
-                if stored_dim is not None and stored_dim != dim:
-                    rows = sum(f.rows for f in files)
-                    raise TableError(
-                        name,
-                        table_spec.emb_columns[0],
-                        rows,
-                        rows,
-                        f"have dimension {dim}, the table's is {stored_dim} (write a new table root or overwrite)",
-                    )
-            target = table_spec.schema(dim) if table_spec.emb_columns else table_spec.schema()
-            self._check_files(name, files, target)
-            if table_spec.key:
-                existing = dt.file_uris() if (dt is not None and mode == "append") else []
-                self._check_unique(name, table_spec.key, existing, files)
-            if dt is None:
+            for attempt in range(_COMMIT_ATTEMPTS):
+                done = self.already_committed(name, run_id)  # after a lost race: the winner may be a twin
+                if done is not None:
+                    self._discard(name, files)
+                    return done
+                if target is None:  # the staged files themselves: checked once
+                    if table_spec.emb_columns and dim is None:
+                        raise ValueError(f"table {name}: commit needs the embedding dimension")
+                    target = table_spec.schema(dim) if table_spec.emb_columns else table_spec.schema()
+                    self._check_files(name, files, target)
+                version = self._try_commit(name, files, run_id, mode, dim, target, info)
+                if version is not None:
+                    snap = self.snapshot(name, version)
+                    return CommitResult(name, version, snap.rows, len(files), skipped=False)
+                time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))  # another writer won: back off
+            rows = sum(f.rows for f in files)
+            raise TableError(
+                name,
+                None,
+                rows,
+                rows,
+                f"lost the next version to other writers {_COMMIT_ATTEMPTS} times in a row",
+            )
+        except BaseException:
+            self._discard(name, files)
+            raise
+
+    def _try_commit(
+        self,
+        name: str,
+        files: list[StagedFile],
+        run_id: str,
+        mode: str,
+        dim: int | None,
+        target: pa.Schema,
+        info: dict[str, Any] | None,
+    ) -> int | None:
+        """Check against the latest version and commit on the next one: its number, or None if taken."""
+        table_spec = spec(name)
+        dt = self._open(name)
+        if table_spec.emb_columns and dt is not None:
+            stored_dim = self._check_schema(name, dt)
+            if stored_dim != dim:
+                rows = sum(f.rows for f in files)
+                raise TableError(
+                    name,
+                    table_spec.emb_columns[0],
+                    rows,
+                    rows,
+                    f"have dimension {dim}, the table's is {stored_dim} (write a new table root or overwrite)",
+                )
+        if table_spec.key:
+            existing = dt.file_uris() if (dt is not None and mode == "append") else []
+            self._check_unique(name, table_spec.key, existing, files)
+        try:
+            if dt is None:  # a racing creator makes this fail, rather than commit a second version 0
                 dt = DeltaTable.create(
                     self.uri(name),
                     self._delta_schema(target, table_spec),
@@ -417,18 +491,20 @@ class Tables:
                     name=name,
                     description=table_spec.doc,
                     storage_options=self.storage_options or None,
+                    commit_properties=CommitProperties(max_commit_retries=0),
                 )
+                if dt.version() != 0:  # another writer created it and committed: check against that
+                    return None
             props = CommitProperties(
                 app_transactions=[Transaction(app_id=run_id, version=1)],
                 custom_metadata={"qarm.run_id": run_id, "qarm.info": json.dumps(info or {})},
+                max_commit_retries=0,
             )
             adds = [AddAction(f.path, f.size, {}, f.mtime_ms, True, f.stats) for f in files]
             dt.create_write_transaction(adds, mode=mode, schema=dt.schema(), commit_properties=props)
-        except BaseException:
-            self._discard(name, files)
-            raise
-        snap = self.snapshot(name)
-        return CommitResult(name, snap.version, snap.rows, len(files), skipped=False)
+        except CommitFailedError:
+            return None
+        return dt.version() + 1
 
     @staticmethod
     def _delta_schema(target: pa.Schema, table_spec: TableSpec) -> pa.Schema:

@@ -13,13 +13,50 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from qarm_dist.io.delta import CommitResult, StagedFile, Tables, stage
+from qarm_dist.io.delta import CommitResult, StagedFile, Tables, read_file, stage
 from qarm_dist.io.schemas import spec
 
 if TYPE_CHECKING:
-    from pyspark.sql import DataFrame
+    from pyspark.sql import DataFrame, SparkSession
 
 _RECORD_SCHEMA = "path string, size long, mtime_ms long, rows long, stats string"
+
+
+class _ReadFiles:
+    """Task body of `read_files`: the files named in its input rows, read by pyarrow."""
+
+    def __init__(self, schema: pa.Schema, storage_options: dict[str, str]):
+        self.schema, self.storage_options = schema, storage_options
+
+    def __call__(self, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for b in batches:
+            for uri in b.column("uri").to_pylist():
+                yield from read_file(uri, self.storage_options, self.schema)
+
+
+def read_files(
+    session: SparkSession, files: list[str], schema: pa.Schema, storage_options: dict[str, str]
+) -> DataFrame:
+    """A DataFrame of table files that Spark cannot open itself (object stores without S3A jars).
+
+    One task per file reads it with pyarrow in the Python worker and yields Arrow batches in
+    ``schema``, with fixed-size lists as plain lists (Spark's arrays). The file URIs travel as
+    data, so a task ships only its own.
+    """
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    spark_schema = pa.schema(
+        [
+            pa.field(f.name, pa.list_(f.type.value_type), f.nullable)
+            if pa.types.is_fixed_size_list(f.type)
+            else f
+            for f in schema
+        ]
+    )
+    uris = session.createDataFrame(
+        session.sparkContext.parallelize([(u,) for u in files], len(files)), "uri string"
+    )
+    return uris.mapInArrow(_ReadFiles(spark_schema, storage_options), from_arrow_schema(spark_schema))
 
 
 def stage_dataframe(

@@ -14,6 +14,7 @@ a checkpoint), so inference rebuilds it without the training config.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -192,6 +193,23 @@ class Ranker(nn.Module):
     def forward(self, f: dict) -> torch.Tensor:
         """Logits (B, tasks) of a batch from `qarm_dist.rank.features.featurize`."""
         return self.dense(self.lookups(f), f)
+
+
+WEIGHTS, SPEC_FILE = "weights.pt", "ranker.json"
+
+
+def save_ranker(model: Ranker, folder: str) -> None:
+    """Weights and the spec (the model as data), so `load_ranker` needs no training config."""
+    torch.save(model.state_dict(), os.path.join(folder, WEIGHTS))
+    with open(os.path.join(folder, SPEC_FILE), "w") as fh:
+        fh.write(model.spec.to_json())
+
+
+def load_ranker(folder: str) -> Ranker:
+    with open(os.path.join(folder, SPEC_FILE)) as fh:
+        model = Ranker(RankerSpec.from_json(fh.read()))
+    model.load_state_dict(torch.load(os.path.join(folder, WEIGHTS), map_location="cpu"))
+    return model.eval()
 
 
 def loss_fn(
