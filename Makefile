@@ -18,7 +18,7 @@ export AWS_EC2_METADATA_DISABLED := true
 export PYSPARK_PYTHON := $(CURDIR)/$(BIN)/python
 export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(BIN)/python
 
-.PHONY: install demo demo-movielens test test-fast lint clean
+.PHONY: install demo demo-movielens notebooks test test-fast lint clean
 
 # Re-installs only when pyproject.toml changes; torch is pinned there to the local CPU wheel.
 $(STAMP): pyproject.toml
@@ -34,6 +34,11 @@ demo: $(STAMP)
 
 demo-movielens: $(STAMP)
 	$(BIN)/qarm demo --movielens ../shared/data/ml-latest-small --root $(ROOT)-movielens
+
+# Executes every notebook against $(ROOT) (after `make demo`); executed copies land in notebooks/executed/.
+notebooks: $(STAMP)
+	mkdir -p notebooks/executed
+	QARM_ROOT=$(ROOT) $(BIN)/jupyter execute --timeout=600 --output='executed/{notebook_name}' notebooks/0*.ipynb
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -125,6 +125,23 @@ def cmd_codebook(args: argparse.Namespace) -> None:
         print(json.dumps(stage.quality(cfg, args.version), indent=2))
 
 
+def cmd_refresh(args: argparse.Namespace) -> None:
+    cfg = _cfg(args)
+    from qarm_dist.refresh import Step, run_refresh
+
+    summary = run_refresh(cfg, _run_id(args, "refresh"), refit=args.refit)
+    for step in summary["steps"]:
+        print(Step(**step).describe())
+    done = [f"{summary['new_items_embedded']} new items embedded"]
+    if summary["new_items_aligned"] is not None:
+        done.append(f"{summary['new_items_aligned']} aligned")
+    if summary["codebook_version"] is not None:
+        done.append(f"{summary['codes_assigned']} codes of version {summary['codebook_version']} assigned")
+    if summary["fitted_version"] is not None:
+        done.append(f"version {summary['fitted_version']} fitted, {summary['refit_codes_assigned']} codes")
+    print(f"refresh {summary['run_id']}: {', '.join(done)}")
+
+
 def cmd_align(args: argparse.Namespace) -> None:
     cfg = _cfg(args)
     from qarm_dist import align, models
@@ -300,6 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     pq_ = csub.add_parser("quality", parents=[common], help="SID quality report of a version (JSON)")
     pq_.add_argument("--version", type=int)
     p.set_defaults(func=cmd_codebook)
+
+    p = sub.add_parser(
+        "refresh",
+        parents=[common],
+        help="new items: embed, code with the current codebook [and refit] (Ray Data + Spark)",
+    )
+    p.add_argument("--refit", action="store_true", help="also fit a new codebook version and code every item")
+    p.set_defaults(func=cmd_refresh)
 
     p = sub.add_parser(
         "align", parents=[common], help="align item embeddings to behaviour pairs: train, embed, eval (Ray)"

@@ -77,7 +77,9 @@ class ClusterConfig(_Section):
         None, description="Ray Jobs API (the head's dashboard), http://head:8265; None = no Ray stages."
     )
     ray_address: str = Field(
-        "auto", description="What a Ray job's driver connects to, inside the cluster (auto = its own)."
+        "auto",
+        description="What a Ray job's driver connects to, inside the cluster (auto = its own); `refresh`'s "
+        "Spark driver connects to it from the submitting machine, so it must be reachable there.",
     )
     root: str | None = Field(
         None, description="Table root every node and the submitting machine see; None = tables.root."
@@ -295,7 +297,7 @@ class RankConfig(_Section):
 
     workers: int = Field(2, gt=0, description="Ray Train workers (DDP for dense, all-reduce for sparse).")
     cpus_per_worker: float = Field(1.0, gt=0)
-    batch_size: int = Field(2048, gt=1, description="Global batch (samples per step over all workers).")
+    batch_size: int = Field(1024, gt=1, description="Global batch (samples per step over all workers).")
     epochs: int = Field(2, gt=0)
     lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the dense parameters.")
     sparse_lr: float = Field(0.05, gt=0, description="Learning rate of the embedding tables.")

@@ -20,6 +20,8 @@ from qarm_dist.embed import run_embed
 from qarm_dist.engines import spark_session
 from qarm_dist.io.delta import Tables
 from qarm_dist.pairs import run_pairs
+from qarm_dist.rank import train as rank_train
+from qarm_dist.rank.samples import run_samples
 from qarm_dist.report import tables_section, write_report
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,12 @@ def run_alignment(cfg: QarmConfig, run_id: str) -> dict[str, Any]:
     return align.evaluate(cfg, infos)
 
 
+def run_ranker(cfg: QarmConfig, run_id: str) -> dict[str, Any]:
+    """Build the samples, then train and evaluate every ranker variant x seed (the QARM ablation)."""
+    run_samples(cfg, run_id)
+    return rank_train.ablate(cfg, f"{run_id}-rank")
+
+
 def run_demo(cfg: QarmConfig, run_id: str, movielens: str | None = None) -> dict[str, Any]:
     """Run the pipeline on the configured world (or a MovieLens folder) and write the report.
 
@@ -57,22 +65,24 @@ def run_demo(cfg: QarmConfig, run_id: str, movielens: str | None = None) -> dict
     if "://" in tables.root:
         raise ValueError("qarm demo writes its report next to the tables: give a local --root")
     if movielens:
-        log.info("[1/6] ingest MovieLens from %s", movielens)
+        log.info("[1/7] ingest MovieLens from %s", movielens)
         write_movielens(cfg, movielens, run_id)
         name = f"movielens ({Path(movielens).name})"
     else:
-        log.info("[1/6] generate the %s world (seed %d)", cfg.world.size, cfg.world.seed)
+        log.info("[1/7] generate the %s world (seed %d)", cfg.world.size, cfg.world.seed)
         write_world(cfg, run_id)
         name = f"world:{cfg.world.size} (seed {cfg.world.seed})"
-    log.info("[2/6] embed item text with %s", cfg.encoder.name)
+    log.info("[2/7] embed item text with %s", cfg.encoder.name)
     run_embed(cfg, run_id)
-    log.info("[3/6] build item pairs")
+    log.info("[3/7] build item pairs")
     _, pairs = run_pairs(cfg, run_id)
-    log.info("[4/6] align item embeddings to the pairs (%d seeds)", cfg.align.seeds)
+    log.info("[4/7] align item embeddings to the pairs (%d seeds)", cfg.align.seeds)
     alignment = run_alignment(cfg, run_id)
-    log.info("[5/6] codebooks on the aligned embeddings: residual K-means (rq) and Res-KmeansFSQ (rkfsq)")
+    log.info("[5/7] codebooks on the aligned embeddings: residual K-means (rq) and Res-KmeansFSQ (rkfsq)")
     codes = run_codes(cfg, run_id)
-    log.info("[6/6] summarise and write the report")
+    log.info("[6/7] ranker: samples, then %d variants x %d seeds", len(cfg.rank.variants), cfg.rank.seeds)
+    ranker = run_ranker(cfg, run_id)
+    log.info("[7/7] summarise and write the report")
     spark = spark_session(cfg)
     report: dict[str, Any] = {
         "run_id": run_id,
@@ -80,6 +90,7 @@ def run_demo(cfg: QarmConfig, run_id: str, movielens: str | None = None) -> dict
         "pairs": pairs,
         "alignment": alignment,
         "codes": codes,
+        "ranker": ranker,
     }
     report["tables"] = tables_section(tables)
     json_path, md_path = write_report(report, tables.root)

@@ -17,6 +17,25 @@ makes a fault fire once across retries and processes, so the retried work can
 finish.
 
 With no spec (the normal case) `maybe_fail` is a dict lookup and returns.
+
+The points, and the ``key=value`` each one matches on (docs/reliability.md says what
+each fault must leave behind):
+
+- ``commit.before`` (driver, `Tables.commit`; ``table``): the files are staged and
+  checked, the Delta transaction not yet made: the job dies with the table unchanged;
+- ``commit.after`` (driver, `Tables.commit`; ``table``): the table's version is
+  committed and the job has not finished; in a job that writes several tables (the
+  world: items, interactions, item_content_emb) this is the point between two commits;
+- ``spark.stage`` (a Spark task, `qarm_dist.io.spark.stage_dataframe`; ``table``,
+  ``partition``, ``attempt``): the partition's file is staged and its record not yet
+  returned: the task dies, and Spark retries it if ``spark.task.maxFailures`` allows
+  (``local[N,F]`` in local mode), else the job fails;
+- ``ray.stage`` (a Ray Data actor, `qarm_dist.io.raydata`; ``table``): the block's
+  file is staged and its record not yet returned: Ray Data restarts the actor and
+  retries the block (always; use a marker, or it dies on every retry);
+- ``align.step`` (a Ray Train worker; ``epoch``, ``step``, ``rank``) and ``rank.step``
+  (``job``, ``epoch``, ``step``, ``rank``): a training step; Ray Train restarts the
+  worker group from the last checkpoint.
 """
 
 from __future__ import annotations

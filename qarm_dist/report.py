@@ -229,6 +229,63 @@ def _codes_md(codes: dict[str, Any], plots: Path) -> list[str]:
     return [*lines, "", "![utilisation](plots/codes_utilization.png)", ""]
 
 
+def _ranker_md(r: dict[str, Any], plots: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task = r["main_task"]
+    variants = list(r["variants"])
+    rows = {v: r["variants"][v][task] for v in variants}
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, key in zip(axes, ("auc", "gauc", "auc_cold")):
+        vals = [rows[v][key] for v in variants]
+        errs = [rows[v][f"{key}_std"] for v in variants]
+        ax.bar(range(len(variants)), vals, yerr=errs, color="#4477aa", capsize=3)
+        lo = min(x for x in vals if x == x) if any(x == x for x in vals) else 0.5
+        ax.set_ylim(max(0.0, lo - 0.05), min(1.0, max(vals) + 0.03) if vals else 1.0)
+        ax.set_xticks(range(len(variants)))
+        ax.set_xticklabels(variants, rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{task}: {key.upper().replace('_COLD', ' (cold start)')}")
+    fig.tight_layout()
+    fig.savefig(plots / "ranker_ablation.png", dpi=110)
+    plt.close(fig)
+    any_row = rows[variants[0]]
+    c = any_row["counts"]
+    lines = [
+        "## Ranker ablation",
+        "",
+        f"Main task `{task}`, evaluated on the evaluation window: {c['rows']} rows, {c['users']} users "
+        f"({c['users_with_both_classes']} with both classes), {c['cold_rows']} cold-start rows; "
+        f"{r['epochs']} epochs, mean ± std over {any_row['seeds']} seeds (same data, same seeds per variant).",
+        "",
+        "| variant | AUC | GAUC | UAUC | logloss | cold-start AUC |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for v in variants:
+        x = rows[v]
+        cells = [f"{x[k]:.4f} ± {x[f'{k}_std']:.4f}" for k in ("auc", "gauc", "uauc", "logloss", "auc_cold")]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    buckets = list(any_row["auc_by_popularity"])
+    lines += [
+        "",
+        "AUC by item popularity (train-window interactions per item; rows per bucket: "
+        + ", ".join(f"{b}: {c['rows_by_popularity'][b]}" for b in buckets)
+        + "):",
+        "",
+        "| variant | " + " | ".join(buckets) + " |",
+        "| --- |" + " ---: |" * len(buckets),
+    ]
+    for v in variants:
+        lines.append(
+            f"| {v} | " + " | ".join(f"{rows[v]['auc_by_popularity'][b]:.4f}" for b in buckets) + " |"
+        )
+    if r.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(f"{k} ({why})" for k, why in r["skipped"].items())]
+    return [*lines, "", "![ranker ablation](plots/ranker_ablation.png)", ""]
+
+
 def _tables_md(t: dict[str, dict[str, int]]) -> list[str]:
     return [
         "## Tables",
@@ -245,6 +302,7 @@ _RENDERERS = {
     "pairs": _pairs_md,
     "alignment": _alignment_md,
     "codes": _codes_md,
+    "ranker": _ranker_md,
     "tables": lambda t, _: _tables_md(t),
 }
 

@@ -16,6 +16,8 @@ the nodes, and what each job gets. Submitting is four steps, each a function her
 Spark stages run in client mode: the driver (which commits the Delta tables) runs on the submitting
 machine and the executors on the cluster. Ray stages run as Ray jobs: the driver runs in the cluster, so
 its ``python`` must be spelled out (a bare ``python`` resolves through the cluster's PATH, ENVIRONMENT.md §4).
+The refresh uses both engines from one driver: it runs as a Spark stage, and that driver (here) also joins
+the cluster's Ray at ``ray_address`` for its Ray Data steps.
 """
 
 from __future__ import annotations
@@ -47,11 +49,16 @@ class SubmitError(ValueError):
 
 @dataclass(frozen=True)
 class Stage:
-    """A stage that `qarm submit` can run: its engine and the `qarm` sub-command its job script runs."""
+    """A stage that `qarm submit` can run: its engine and the `qarm` sub-command its job script runs.
+
+    ``ray_steps``: a Spark stage whose driver also runs Ray Data steps (the refresh); the job's config
+    then points ``ray.address`` at the cluster's Ray too, since in client mode that driver runs here.
+    """
 
     name: str
     engine: Literal["spark", "ray"]
     argv: tuple[str, ...]
+    ray_steps: bool = False
 
     @property
     def script(self) -> str:
@@ -71,6 +78,7 @@ STAGES: dict[str, Stage] = {
         Stage("align-embed", "ray", ("align", "embed")),
         Stage("codebook-fit", "spark", ("codebook", "fit")),
         Stage("codebook-assign", "spark", ("codebook", "assign")),
+        Stage("refresh", "spark", ("refresh",), ray_steps=True),
         Stage("samples", "spark", ("samples",)),
         Stage("rank-train", "ray", ("rank", "train")),
         Stage("rank-ablate", "ray", ("rank", "ablate")),
@@ -171,6 +179,14 @@ def resolve(
         if not cl.spark_master:
             raise SubmitError(f"stage {stage!r} runs on Spark, but cluster {cluster!r} sets no spark_master")
         placed.append(_set("spark.master", cl.spark_master))
+        if st.ray_steps and cl.ray_jobs:  # a cluster without Ray: those steps use a local one
+            if cl.ray_address == "auto":
+                raise SubmitError(
+                    f"stage {stage!r} runs Ray Data steps from its Spark driver on this machine: set "
+                    f"clusters.{cluster}.ray_address to an address this machine reaches (head:6379 from "
+                    "inside the cluster's network, or Ray Client ray://head:10001)"
+                )
+            placed.append(_set("ray.address", cl.ray_address))
     else:
         if not cl.ray_jobs:
             raise SubmitError(

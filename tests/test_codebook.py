@@ -140,6 +140,8 @@ def test_fit_assign_refresh_diff_and_immutable_versions(spark, world_root, tmp_p
     stage.run_assign(cfg, "assign-v2", version=2)
     d12 = stage.diff(cfg, 1, 2)
     assert d12["items"] == len(ids) + 20 and 0 < d12["rq_changed"] <= d12["items"]
+    # an item changed iff one of the compared levels changed
+    assert max(d12["per_level_changed"]) <= d12["rq_changed"] <= sum(d12["per_level_changed"])
     q = stage.quality(cfg, 1)
     assert q["items"] == len(ids) + 20 and 0 <= q["collision_rate"] <= 1 and len(q["levels"]) == 3
     assert q["levels"][0]["k"] == 16 and q["levels"][2]["k"] == 16  # FSQ (4 x 4) as the last level

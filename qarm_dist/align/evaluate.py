@@ -59,6 +59,48 @@ def hit_rate(
     return {k: float(found[:, :k].any(axis=1).sum()) / m for k in ks}
 
 
+def nearest_neighbours(
+    tables: Tables, table: str, query_ids: Iterable[int], k: int = 10, version: int | None = None
+) -> dict[int, list[tuple[int, float]]]:
+    """The ``k`` items most similar (cosine) to each of a few query items in an embedding table.
+
+    For looking at a handful of items (notebooks, debugging), at any table size: the table is
+    streamed twice (the queries' vectors, then a running top-k over each batch), so memory is
+    O(queries x (k + dim) + one batch). The query item itself is left out; a query id missing from
+    the table gets no entry. Returns ``{query id: [(item id, cosine), ...]}``, most similar first.
+    """
+    want = np.unique(np.asarray(list(query_ids), dtype=np.int64))
+    snap = tables.snapshot(table, version)
+    cols = ["item_id", "emb"]
+    found = [
+        b.filter(pc.is_in(b.column("item_id"), value_set=pa.array(want)))
+        for b in tables.read_batches(table, columns=cols, snapshot=snap)
+    ]
+    q_ids, q = _collect(found) if any(b.num_rows for b in found) else (np.zeros(0, np.int64), None)
+    if q is None:
+        return {}
+    q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    best_s = np.full((len(q_ids), k), -np.inf, np.float32)
+    best_i = np.full((len(q_ids), k), -1, np.int64)
+    for rb in tables.read_batches(table, columns=cols, snapshot=snap):
+        if rb.num_rows == 0:
+            continue
+        ids, x = _collect([rb])
+        x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        s = q @ x.T
+        s[q_ids[:, None] == ids[None, :]] = -np.inf
+        all_s = np.concatenate([best_s, s], axis=1)
+        all_i = np.concatenate([best_i, np.broadcast_to(ids, s.shape)], axis=1)
+        top = np.argpartition(-all_s, min(k, all_s.shape[1] - 1), axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(all_s, top, 1), np.take_along_axis(all_i, top, 1)
+    order = np.argsort(-best_s, axis=1, kind="stable")
+    best_s, best_i = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
+    return {
+        int(qid): [(int(i), float(s)) for i, s in zip(best_i[r], best_s[r]) if i >= 0 and np.isfinite(s)]
+        for r, qid in enumerate(q_ids)
+    }
+
+
 def _collect(
     batches: Iterable[pa.RecordBatch | pa.Table], column: str = "emb"
 ) -> tuple[np.ndarray, np.ndarray]:

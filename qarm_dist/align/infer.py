@@ -6,7 +6,8 @@ The actor model `AlignedEmbedder` loads a published checkpoint once; the
 stage maps the content table through it and commits `item_aligned_emb` once
 (`qarm_dist.io.raydata.write_mapped`). The table holds one model version per
 Delta version (each run overwrites; older models stay readable by version),
-so downstream stages that read "the table" read exactly one model.
+so downstream stages that read "the table" read exactly one model. A refresh
+(`embed_new`) appends rows for new items with that same model, which keeps it so.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from qarm_dist import models
 from qarm_dist.align.model import load_tower
 from qarm_dist.config import QarmConfig
 from qarm_dist.engines import ray_init, torch_device
-from qarm_dist.io.delta import CommitResult, TableError, Tables
+from qarm_dist.io.delta import CommitResult, Snapshot, TableError, Tables
+from qarm_dist.io.handoff import missing_rows
 from qarm_dist.io.raydata import check_cpu_budget, map_blocks, write_mapped
 
 if TYPE_CHECKING:
@@ -61,8 +63,8 @@ class AlignedEmbedder:
         )
 
 
-def _content(tables: Tables, info: models.ModelInfo) -> tuple[ray.data.Dataset, int, int]:
-    """The model's content table (current version) as a Dataset; refuses a dimension the model was not trained on."""
+def _content_snapshot(tables: Tables, info: models.ModelInfo) -> Snapshot:
+    """The model's content table (current version); refuses a dimension the model was not trained on."""
     meta = info.meta
     snap = tables.snapshot(meta["content"])
     if meta["column"] == "emb" and snap.dim != meta["dim"]:
@@ -78,7 +80,13 @@ def _content(tables: Tables, info: models.ModelInfo) -> tuple[ray.data.Dataset, 
         raise TableError(
             meta["content"], None, 0, 0, "exist: the table is empty, so there is nothing to embed"
         )
-    return tables.ray(meta["content"], snap.version, ["item_id", meta["column"]]), snap.version, snap.rows
+    return snap
+
+
+def _content(tables: Tables, info: models.ModelInfo) -> tuple[ray.data.Dataset, int, int]:
+    """The model's content table (current version) as a Dataset, its version and rows."""
+    snap = _content_snapshot(tables, info)
+    return tables.ray(snap.name, snap.version, ["item_id", info.meta["column"]]), snap.version, snap.rows
 
 
 def embed_model_kwargs(cfg: QarmConfig, tables: Tables, info: models.ModelInfo) -> dict:
@@ -109,32 +117,26 @@ def aligned_batches(cfg: QarmConfig, info: models.ModelInfo):
     yield from mapped.iter_batches(batch_size=None, batch_format="pyarrow")
 
 
-def run_embed(
-    cfg: QarmConfig, run_id: str, version: str | None = None
-) -> tuple[CommitResult, models.ModelInfo]:
-    """Embed every item with model ``version`` (default: the latest) into `item_aligned_emb`."""
-    tables = Tables.from_config(cfg)
-    info = models.find(tables, KIND, version)
-    if done := tables.already_committed("item_aligned_emb", run_id):
-        log.info("run %s already committed item_aligned_emb; nothing to do", run_id)
-        return done, info
-    ray_init(cfg)
-    ds, content_version, rows = _content(tables, info)
+def _write(
+    cfg: QarmConfig,
+    tables: Tables,
+    info: models.ModelInfo,
+    ds: ray.data.Dataset,
+    rows: int,
+    run_id: str,
+    mode: str,
+    commit_info: dict,
+) -> CommitResult:
+    """Map the content rows of ``ds`` through model ``info`` in the actor pool; commit in ``mode``."""
     ac = cfg.align
     check_cpu_budget(ac.infer_actors, ac.cpus_per_worker, ("align.infer_actors", "align.cpus_per_worker"))
-    log.info(
-        "align embed: %d items of %s v%d with model %s",
-        rows,
-        info.meta["content"],
-        content_version,
-        info.version,
-    )
+    log.info("align embed: %d items of %s with model %s", rows, info.meta["content"], info.version)
     dim = info.meta["dim"] if info.meta["column"] == "emb" else None
     if dim is None:  # text tower: its output dimension is the encoder's
         from qarm_dist.embed.encoders import encoder_dim
 
         dim = encoder_dim(info.meta["tower"]["encoder"])
-    result = write_mapped(
+    return write_mapped(
         ds,
         AlignedEmbedder,
         embed_model_kwargs(cfg, tables, info),
@@ -146,11 +148,51 @@ def run_embed(
         cpus_per_actor=ac.cpus_per_worker,
         gpus_per_actor=1.0 if torch_device(cfg) == "cuda" else 0,
         rows_per_block=ac.infer_rows_per_block,
-        mode="overwrite",
-        info={
-            "model_version": info.version,
-            "content": info.meta["content"],
-            "content_version": content_version,
-        },
+        mode=mode,
+        info={"model_version": info.version, "content": info.meta["content"], **commit_info},
     )
+
+
+def run_embed(
+    cfg: QarmConfig, run_id: str, version: str | None = None
+) -> tuple[CommitResult, models.ModelInfo]:
+    """Embed every item with model ``version`` (default: the latest) into `item_aligned_emb`."""
+    tables = Tables.from_config(cfg)
+    info = models.find(tables, KIND, version)
+    if done := tables.already_committed("item_aligned_emb", run_id):
+        log.info("run %s already committed item_aligned_emb; nothing to do", run_id)
+        return done, info
+    ray_init(cfg)
+    ds, content_version, rows = _content(tables, info)
+    result = _write(cfg, tables, info, ds, rows, run_id, "overwrite", {"content_version": content_version})
     return result, info
+
+
+def embed_new(cfg: QarmConfig, run_id: str) -> tuple[CommitResult | None, int]:
+    """Aligned embeddings for the content items that have none yet, appended, with the table's own model.
+
+    The refresh path: the model is the one that produced the existing rows (their ``model_version``),
+    not the latest published one, so the table keeps one model per Delta version and codes assigned
+    from it stay comparable. Spark finds the content rows without an aligned row and hands them to
+    Ray Data as files (`qarm_dist.io.handoff`). Returns the commit (None when nothing was missing: no
+    empty version) and how many items were embedded.
+    """
+    tables = Tables.from_config(cfg)
+    if not tables.exists("item_aligned_emb"):
+        raise FileNotFoundError(
+            f"table 'item_aligned_emb' does not exist under {tables.root}; run `qarm align embed` first"
+        )
+    first = next(tables.read_batches("item_aligned_emb", columns=["model_version"], batch_rows=1), None)
+    if first is None:
+        raise ValueError("table 'item_aligned_emb' is empty, so no model to extend; run `qarm align embed`")
+    info = models.find(tables, KIND, first.column(0)[0].as_py())
+    if done := tables.already_committed("item_aligned_emb", run_id):
+        log.info("run %s already committed item_aligned_emb; nothing to do", run_id)
+        return done, 0
+    snap = _content_snapshot(tables, info)
+    columns = ["item_id", info.meta["column"]]
+    with missing_rows(cfg, tables, snap.name, snap.version, "item_aligned_emb", columns, run_id) as (new, n):
+        if new is None:
+            return None, 0
+        commit_info = {"content_version": snap.version, "new_items": n}
+        return _write(cfg, tables, info, new, n, run_id, "append", commit_info), n

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from qarm_dist import faults, models
+from qarm_dist import faults, models, training
 from qarm_dist.align.data import PairData, load_pairs, log_frequency
 from qarm_dist.align.loss import Batch, info_nce
 from qarm_dist.align.model import build_tower, save_tower
@@ -134,9 +134,6 @@ def train(
     A version that is already published is returned as is (re-running a run id trains nothing);
     one that started but did not finish resumes from its last checkpoint.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     tables = Tables.from_config(cfg)
     ac = cfg.align
     seed = ac.seed if seed is None else seed
@@ -179,36 +176,23 @@ def train(
         ac.batch_size // ac.workers,
         ac.epochs,
     )
-    storage, storage_fs = models.train_storage(tables, KIND)
-    trainer = TorchTrainer(
+    uri, history = training.run(
+        tables,
+        KIND,
+        version,
         train_loop,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(
-            num_workers=ac.workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": ac.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+        loop_config,
+        {"train": data.dataset},
+        training.Scaling(
+            ac.workers, ac.cpus_per_worker, use_gpu, "nccl" if use_gpu else "gloo", ac.max_failures, keep=2
         ),
-        datasets={"train": data.dataset},
-        run_config=RunConfig(
-            name=version,
-            storage_path=storage,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=ac.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
+        HISTORY,
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"alignment training {version} failed: {result.error}")
-    info = models.ModelInfo(KIND, version, models.checkpoint_uri(tables, result.checkpoint.path), {})
-    with models.local_checkpoint(info, tables.storage_options) as d, open(os.path.join(d, HISTORY)) as fh:
-        history = json.load(fh)
     return models.publish(
         tables,
         KIND,
         version,
-        info.checkpoint,
+        uri,
         {
             "seed": seed,
             "tower": loop_config["tower"],
@@ -220,7 +204,7 @@ def train(
             "column": data.column,
             "dim": data.dim,
             "epochs": ac.epochs,
-            "metrics": result.metrics,
+            "metrics": history[-1],
             "history": history,
         },
     )

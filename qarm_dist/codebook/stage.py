@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from qarm_dist.codebook import store
@@ -159,6 +159,20 @@ def vq_codes(x: np.ndarray, item_ids: np.ndarray, index, pool_ids: np.ndarray, k
     return ids[keep].reshape(len(ids), k)
 
 
+def uncoded(spark: SparkSession, tables: Tables, cb: store.Codebook) -> DataFrame:
+    """``item_id, emb`` of the source items that have no codes for version ``cb`` (an anti-join).
+
+    What assign codes: every item the first time, only the new ones after that (the refresh).
+    """
+    todo = tables.spark(spark, cb.info["source"], columns=["item_id", "emb"])
+    if tables.exists("item_codes"):
+        have = tables.spark(spark, "item_codes", columns=["item_id", "version"]).filter(
+            F.col("version") == cb.version
+        )
+        todo = todo.join(have.select("item_id"), "item_id", "left_anti")
+    return todo
+
+
 def run_assign(
     cfg: QarmConfig, run_id: str, version: int | None = None
 ) -> tuple[CommitResult, store.Codebook]:
@@ -174,12 +188,7 @@ def run_assign(
         )
     if done := tables.already_committed("item_codes", run_id):
         return done, cb
-    todo = tables.spark(spark, src, columns=["item_id", "emb"])
-    if tables.exists("item_codes"):
-        have = tables.spark(spark, "item_codes", columns=["item_id", "version"]).filter(
-            F.col("version") == cb.version
-        )
-        todo = todo.join(have.select("item_id"), "item_id", "left_anti")
+    todo = uncoded(spark, tables, cb)
     pool_ids, pool_x = _pool(spark, tables, cb, cfg.codebook.pool_max, cfg.codebook.seed)
     vq_k = min(cfg.codebook.vq_k, len(pool_ids) - 1)
     sc = spark.sparkContext
@@ -241,7 +250,11 @@ def _codes(spark: SparkSession, tables: Tables, version: int):
 
 
 def diff(cfg: QarmConfig, v1: int, v2: int) -> dict[str, Any]:
-    """Items coded in both versions, and how many changed their RQ code (full and per level)."""
+    """Items coded in both versions, and how many changed their RQ code (full and per level).
+
+    Versions with different level counts are compared on the levels they share, so ``rq_changed``
+    counts items whose shared prefix changed (``levels_compared`` says how many levels that is).
+    """
     tables = Tables.from_config(cfg)
     spark = spark_session(cfg)
     a = _codes(spark, tables, v1).select("item_id", F.col("rq").alias("a"), F.col("vq").alias("va"))
@@ -250,7 +263,7 @@ def diff(cfg: QarmConfig, v1: int, v2: int) -> dict[str, Any]:
     levels = min(store.load(tables, v1).levels, store.load(tables, v2).levels)
     aggs = [
         F.count("*").alias("items"),
-        F.sum((F.col("a") != F.col("b")).cast("int")).alias("rq_changed"),
+        F.sum((F.slice("a", 1, levels) != F.slice("b", 1, levels)).cast("int")).alias("rq_changed"),
         F.sum((F.col("va") != F.col("vb")).cast("int")).alias("vq_changed"),
     ]
     aggs += [
@@ -260,39 +273,58 @@ def diff(cfg: QarmConfig, v1: int, v2: int) -> dict[str, Any]:
     return {
         "versions": [v1, v2],
         "items": r["items"],
+        "levels_compared": levels,
         "rq_changed": r["rq_changed"] or 0,
         "vq_changed": r["vq_changed"] or 0,
         "per_level_changed": [r[f"level_{lv}"] or 0 for lv in range(levels)],
     }
 
 
-def quality(cfg: QarmConfig, version: int | None = None) -> dict[str, Any]:
-    """The SID quality report of one version's `item_codes`."""
+def code_histograms(cfg: QarmConfig, version: int | None = None) -> dict[str, Any]:
+    """The small aggregates of one version's `item_codes` that SID quality is computed from (Spark).
+
+    ``bucket_sizes``/``buckets``: ``buckets[j]`` full SIDs hold ``bucket_sizes[j]`` items each
+    (ascending sizes); ``levels``: per RQ level (then FSQ, when fitted) the items per code, most used
+    first, zeros for unused codes (length = codes of the level); ``codebook``: the loaded version.
+    """
     tables = Tables.from_config(cfg)
     cb = store.load(tables, version)
     spark = spark_session(cfg)
     codes = _codes(spark, tables, cb.version).cache()
     sid = F.concat("rq", F.coalesce("fsq", F.array().cast("array<int>"))) if cb.fsq else F.col("rq")
     hist = codes.groupBy(sid.alias("sid")).count().groupBy("count").agg(F.count("*").alias("n")).collect()
-    out: dict[str, Any] = sid_metrics(np.array([r["count"] for r in hist]), np.array([r["n"] for r in hist]))
-    levels = []
-    for lv in range(cb.levels):
-        counts = codes.groupBy(F.col("rq")[lv].alias("c")).count().collect()
-        k = len(cb.book.centroids[lv])
-        levels.append(level_metrics(np.array([r["count"] for r in counts]), k, cb.info["recon_mse"][lv]))
+    hist = sorted((r["count"], r["n"]) for r in hist)
+
+    def per_code(col: Any, k: int) -> np.ndarray:
+        counts = sorted((r["count"] for r in codes.groupBy(col.alias("c")).count().collect()), reverse=True)
+        return np.array(counts + [0] * max(0, k - len(counts)), dtype=np.int64)
+
+    levels = [per_code(F.col("rq")[lv], len(cb.book.centroids[lv])) for lv in range(cb.levels)]
     if cb.fsq is not None:
-        counts = codes.groupBy("fsq").count().collect()
-        levels.append(
-            {
-                **level_metrics(
-                    np.array([r["count"] for r in counts]),
-                    int(np.prod(cb.fsq.levels)),
-                    cb.info["fsq_recon_mse"],
-                ),
-                "fsq_levels": list(cb.fsq.levels),
-            }
-        )
+        levels.append(per_code(F.col("fsq"), int(np.prod(cb.fsq.levels))))
     codes.unpersist()
+    return {
+        "bucket_sizes": np.array([s for s, _ in hist], dtype=np.int64),
+        "buckets": np.array([n for _, n in hist], dtype=np.int64),
+        "levels": levels,
+        "codebook": cb,
+    }
+
+
+def quality(cfg: QarmConfig, version: int | None = None) -> dict[str, Any]:
+    """The SID quality report of one version's `item_codes`."""
+    h = code_histograms(cfg, version)
+    cb = h["codebook"]
+    out: dict[str, Any] = sid_metrics(h["bucket_sizes"], h["buckets"])
+    levels = [
+        level_metrics(h["levels"][lv], len(h["levels"][lv]), cb.info["recon_mse"][lv])
+        for lv in range(cb.levels)
+    ]
+    if cb.fsq is not None:
+        fsq = h["levels"][cb.levels]
+        levels.append(
+            {**level_metrics(fsq, len(fsq), cb.info["fsq_recon_mse"]), "fsq_levels": list(cb.fsq.levels)}
+        )
     out["levels"] = levels
     out["version"] = cb.version
     return out

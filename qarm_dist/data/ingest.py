@@ -17,7 +17,7 @@ from tqdm import tqdm
 from qarm_dist.config import QarmConfig
 from qarm_dist.data import movielens
 from qarm_dist.data.world import World
-from qarm_dist.io.delta import CommitResult, Tables
+from qarm_dist.io.delta import CommitResult, TableError, Tables
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,18 @@ def write_world(cfg: QarmConfig, run_id: str, emit_embeddings: bool = False) -> 
     """Generate the configured world into `items`, `interactions` (and `item_content_emb`)."""
     world = World.from_config(cfg.world)
     tables = Tables.from_config(cfg)
+    if emit_embeddings and tables.exists("item_content_emb"):
+        # checked before anything is written: the commit would refuse it after items and interactions
+        snap = tables.snapshot("item_content_emb")
+        if snap.dim != world.content_dim:
+            raise TableError(
+                "item_content_emb",
+                "emb",
+                snap.rows,
+                snap.rows,
+                f"have dimension {snap.dim}, the world's is {world.content_dim}: set world.content_dim="
+                f"{snap.dim}, or write this world under a new --root",
+            )
     info = {"source": f"world:{cfg.world.size}", "seed": world.seed}
     out = {
         "items": _write(tables, "items", world.items(), run_id, cfg, world.n_items, info=info),

@@ -2,17 +2,21 @@
 
 Counts name their split (train = before the evaluation window's start, eval =
 from it on); cold items are items with no interaction in the train window.
-Only aggregates reach the driver.
+Only aggregates reach the driver. `lookup` fetches a few rows by key (for notebooks).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from qarm_dist.io.delta import Tables
+from qarm_dist.io.schemas import spec
 
 
 def dataset_summary(spark: SparkSession, tables: Tables, eval_start_ts: int, name: str) -> dict[str, Any]:
@@ -64,3 +68,29 @@ def dataset_summary(spark: SparkSession, tables: Tables, eval_start_ts: int, nam
             "items_by_log2_count": [[r["log2_count"], r["items"]] for r in hist],
         },
     }
+
+
+def lookup(
+    tables: Tables,
+    name: str,
+    values: Iterable[Any],
+    column: str = "item_id",
+    columns: list[str] | None = None,
+    version: int | None = None,
+) -> pa.Table:
+    """The rows of table ``name`` whose ``column`` is one of a few ``values`` (e.g. items' text by id).
+
+    Streams the table's snapshot and keeps only the matching rows, so a notebook or a debugging
+    session can look at a handful of rows of a table of any size without collecting it.
+    """
+    snap = tables.snapshot(name, version)
+    table_spec = spec(name)
+    schema = table_spec.schema(snap.dim) if table_spec.emb_columns else table_spec.schema()
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
+    wanted = pa.array(list(values)).cast(schema.field(column).type)
+    parts = [
+        pa.Table.from_batches([rb]).filter(pc.is_in(rb.column(column), value_set=wanted))
+        for rb in tables.read_batches(name, columns=columns, snapshot=snap)
+    ]
+    return pa.concat_tables(parts) if parts else schema.empty_table()

@@ -1,5 +1,5 @@
 """Content embeddings: `qarm embed` (Ray Data batch inference over `items`)."""
 
-from qarm_dist.embed.stage import run_embed
+from qarm_dist.embed.stage import embed_new, run_embed
 
-__all__ = ["run_embed"]
+__all__ = ["embed_new", "run_embed"]

@@ -42,6 +42,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction
 from deltalake.exceptions import CommitFailedError, TableNotFoundError
 from deltalake.transaction import AddAction
 
+from qarm_dist import faults
 from qarm_dist.io import objectstore
 from qarm_dist.io.schemas import TableSpec, spec
 
@@ -54,6 +55,10 @@ DIM_KEY = "qarm.dim"
 _HASHES_PER_PASS = 32_000_000
 #: tries of a commit that other writers keep beating to the next version
 _COMMIT_ATTEMPTS = 20
+#: operations that change no rows: a history of these and the table layer's own commits needs no re-check
+_NO_DATA_OPERATIONS = frozenset({"CREATE TABLE", "VACUUM START", "VACUUM END", "OPTIMIZE"})
+#: (table uri, Delta table id, version) whose rows this process has found valid: versions never change
+_CHECKED: set[tuple[str, str, int]] = set()
 
 
 class TableError(ValueError):
@@ -97,6 +102,50 @@ def _emb_dim_problems(col: pa.ChunkedArray | pa.Array, dim: int) -> tuple[int, s
     return None
 
 
+def _lacks(table_spec: TableSpec, column: str) -> str:
+    return f"lack column '{column}' (expected {table_spec.columns})"
+
+
+def _check_column(
+    table_spec: TableSpec, f: pa.Field, col: pa.ChunkedArray | pa.Array, dim: int | None
+) -> tuple[pa.ChunkedArray | pa.Array, tuple[int, str] | None]:
+    """``col`` cast to field ``f``, or how many of its rows are bad and what is wrong with them."""
+    n = len(col)
+    if col.null_count and not f.nullable:
+        return col, (col.null_count, "are null")
+    if f.name in table_spec.emb_columns:
+        problem = _emb_dim_problems(col, dim)  # type: ignore[arg-type]
+        if problem:
+            return col, problem
+        flat = pc.list_flatten(col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col)
+        col = pa.FixedSizeListArray.from_arrays(flat.cast(pa.float32()), dim)
+    else:
+        try:
+            col = col.cast(f.type, safe=True)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return col, (n, f"are {col.type}, not convertible to {f.type}")
+    if f.name in table_spec.labels:
+        bad = n - int(pc.sum(pc.is_in(col, pa.array([0, 1], f.type))).as_py() or 0)
+        if bad:
+            return col, (bad, "have a label outside {0, 1}")
+    return col, None
+
+
+def problems(
+    table_spec: TableSpec, data: pa.Table | pa.RecordBatch, dim: int | None = None
+) -> Iterator[tuple[str, int, str]]:
+    """``(column, bad rows, what is wrong)`` for every column of the spec that has bad rows in ``data``."""
+    n = data.num_rows
+    target = table_spec.schema(dim) if table_spec.emb_columns else table_spec.schema()
+    for f in target:
+        if f.name not in data.column_names:
+            yield f.name, n, _lacks(table_spec, f.name)
+            continue
+        _, problem = _check_column(table_spec, f, data.column(f.name), dim)
+        if problem:
+            yield f.name, problem[0], problem[1]
+
+
 def validate(table_spec: TableSpec, data: pa.Table | pa.RecordBatch, dim: int | None = None) -> pa.Table:
     """Check rows against the spec and return them cast to its exact schema.
 
@@ -107,32 +156,15 @@ def validate(table_spec: TableSpec, data: pa.Table | pa.RecordBatch, dim: int | 
     n, name = t.num_rows, table_spec.name
     missing = [c for c in table_spec.columns if c not in t.column_names]
     if missing:
-        raise TableError(
-            name, missing[0], n, n, f"lack column '{missing[0]}' (expected {table_spec.columns})"
-        )
+        raise TableError(name, missing[0], n, n, _lacks(table_spec, missing[0]))
     if table_spec.emb_columns and dim is None:
         raise ValueError(f"table {name}: writing embeddings needs their dimension")
     target = table_spec.schema(dim)
     cols = []
     for f in target:
-        col = t.column(f.name)
-        if col.null_count and not f.nullable:
-            raise TableError(name, f.name, col.null_count, n, "are null")
-        if f.name in table_spec.emb_columns:
-            problem = _emb_dim_problems(col, dim)  # type: ignore[arg-type]
-            if problem:
-                raise TableError(name, f.name, problem[0], n, problem[1])
-            flat = pc.list_flatten(col.combine_chunks()).cast(pa.float32())
-            col = pa.FixedSizeListArray.from_arrays(flat, dim)
-        else:
-            try:
-                col = col.cast(f.type, safe=True)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                raise TableError(name, f.name, n, n, f"are {col.type}, not convertible to {f.type}") from None
-        if f.name in table_spec.labels:
-            bad = n - int(pc.sum(pc.is_in(col, pa.array([0, 1], f.type))).as_py() or 0)
-            if bad:
-                raise TableError(name, f.name, bad, n, "have a label outside {0, 1}")
+        col, problem = _check_column(table_spec, f, t.column(f.name), dim)
+        if problem:
+            raise TableError(name, f.name, problem[0], n, problem[1])
         cols.append(col)
     return pa.Table.from_arrays(cols, schema=target)
 
@@ -295,7 +327,76 @@ class Tables:
             )
         )
         file_rows = [int(by_name.get(unquote(os.path.basename(f))) or 0) for f in files]
-        return Snapshot(name, self.uri(name), dt.version(), files, dim, sum(file_rows), file_rows)
+        snap = Snapshot(name, self.uri(name), dt.version(), files, dim, sum(file_rows), file_rows)
+        checked = (snap.uri, dt.metadata().id, snap.version)
+        if checked not in _CHECKED:
+            foreign = _written_elsewhere(dt, snap.version)
+            if foreign is not None:
+                self._check_rows(snap, foreign)
+            _CHECKED.add(checked)
+        return snap
+
+    def _check_rows(self, snap: Snapshot, foreign: int) -> None:
+        """Validate on read the rows of a version that something other than this layer wrote.
+
+        Such rows skipped `validate` and the commit's key check, so they get both now (streamed, in
+        the process that reads the table first), plus the ids they must share with other tables.
+        """
+        table_spec = spec(snap.name)
+        hint = (
+            f"(version {foreign} was written by something other than qarm: fix that writer, "
+            "or rewrite the table with the stage that makes it)"
+        )
+        bad: dict[str, tuple[int, str]] = {}
+        for uri in snap.files:
+            fs, path = filesystem(uri, self.storage_options)
+            with fs.open_input_file(path) as fh:
+                pf = pq.ParquetFile(fh)
+                present = [c for c in table_spec.columns if c in pf.schema_arrow.names]
+                for rb in pf.iter_batches(batch_size=65_536, columns=present):
+                    for column, rows, problem in problems(table_spec, rb, snap.dim):
+                        seen = bad.get(column, (0, problem))
+                        bad[column] = (seen[0] + rows, seen[1])
+        for column in table_spec.columns:
+            if column in bad:
+                raise TableError(snap.name, column, bad[column][0], snap.rows, f"{bad[column][1]} {hint}")
+        if table_spec.key:
+            self._check_unique(snap.name, table_spec.key, snap.files, snap.rows, hint)
+        for column, other in table_spec.refs:
+            if self.exists(other):
+                unknown = self._count_unknown(snap, column, self.snapshot(other))
+                if unknown:
+                    raise TableError(
+                        snap.name,
+                        column,
+                        unknown,
+                        snap.rows,
+                        f"name ids that are not in table '{other}' {hint}",
+                    )
+
+    def _count_unknown(self, snap: Snapshot, column: str, keys: Snapshot) -> int:
+        """Rows of ``snap`` whose ``column`` is not a key of ``keys``; bounded memory, like `_check_unique`."""
+        key = spec(keys.name).key[0]
+        n_pass = max(1, math.ceil(keys.rows / _HASHES_PER_PASS))
+        unknown = 0
+        for bucket in range(n_pass):
+            known = np.unique(
+                np.concatenate(
+                    [np.zeros(0, np.int64)]
+                    + [ids[ids % n_pass == bucket] for ids in self._column_values(keys.files, key)]
+                )
+            )
+            for ids in self._column_values(snap.files, column):
+                ids = ids[ids % n_pass == bucket]
+                unknown += int((~np.isin(ids, known)).sum())
+        return unknown
+
+    def _column_values(self, uris: list[str], column: str) -> Iterator[np.ndarray]:
+        for uri in uris:
+            fs, path = filesystem(uri, self.storage_options)
+            with fs.open_input_file(path) as fh:
+                for rb in pq.ParquetFile(fh).iter_batches(batch_size=1 << 20, columns=[column]):
+                    yield rb.column(0).to_numpy(zero_copy_only=False)
 
     def _check_schema(self, name: str, dt: DeltaTable) -> int | None:
         """Validate on read: the stored schema must carry the spec's columns and types."""
@@ -388,7 +489,25 @@ class Tables:
     def writer(
         self, name: str, run_id: str, dim: int | None = None, target_rows: int = 262_144
     ) -> TableWriter:
+        self.check_writable(name)
         return TableWriter(self, name, run_id, dim, target_rows)
+
+    def check_writable(self, name: str) -> None:
+        """Fail now, in the driver, if table ``name``'s folder cannot take files (a root that is a file,
+        a read-only mount, missing permissions), rather than in every worker after the job's work."""
+        fs, base = filesystem(self.uri(name), self.storage_options)
+        probe = f"{base}/_qarm_probe-{uuid.uuid4().hex[:12]}"
+        try:
+            if isinstance(fs, pafs.LocalFileSystem):
+                fs.create_dir(base, recursive=True)
+            with fs.open_output_stream(probe):
+                pass
+            fs.delete_file(probe)
+        except OSError as err:
+            raise ValueError(
+                f"table root {self.root} is not writable: table '{name}' cannot take files "
+                f"({err.strerror or err}); give a writable --root (tables.root)"
+            ) from None
 
     def committed(self, name: str, run_id: str) -> bool:
         dt = self._open(name)
@@ -427,7 +546,18 @@ class Tables:
         files = [s if isinstance(s, StagedFile) else StagedFile(**s) for s in staged]
         table_spec = spec(name)
         target = None
+        fault = faults.from_env()
         try:
+            if mode == "overwrite" and table_spec.append_only and self.exists(name):
+                rows = sum(f.rows for f in files)
+                raise TableError(
+                    name,
+                    None,
+                    rows,
+                    rows,
+                    "would replace the table's rows, which are immutable (an append-only table): append "
+                    "new versions instead",
+                )
             for attempt in range(_COMMIT_ATTEMPTS):
                 done = self.already_committed(name, run_id)  # after a lost race: the winner may be a twin
                 if done is not None:
@@ -438,8 +568,10 @@ class Tables:
                         raise ValueError(f"table {name}: commit needs the embedding dimension")
                     target = table_spec.schema(dim) if table_spec.emb_columns else table_spec.schema()
                     self._check_files(name, files, target)
+                faults.maybe_fail(fault, "commit.before", table=name)  # staged and checked, not committed
                 version = self._try_commit(name, files, run_id, mode, dim, target, info)
                 if version is not None:
+                    faults.maybe_fail(fault, "commit.after", table=name)  # committed, job not finished
                     snap = self.snapshot(name, version)
                     return CommitResult(name, version, snap.rows, len(files), skipped=False)
                 time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))  # another writer won: back off
@@ -481,7 +613,10 @@ class Tables:
                 )
         if table_spec.key:
             existing = dt.file_uris() if (dt is not None and mode == "append") else []
-            self._check_unique(name, table_spec.key, existing, files)
+            base = self.uri(name)
+            uris = existing + [f"{base}/{f.path}" for f in files]
+            total = sum(f.rows for f in files) + (dt.count() if existing else 0)
+            self._check_unique(name, table_spec.key, uris, total)
         try:
             if dt is None:  # a racing creator makes this fail, rather than commit a second version 0
                 dt = DeltaTable.create(
@@ -532,16 +667,13 @@ class Tables:
                 )
 
     def _check_unique(
-        self, name: str, key: tuple[str, ...], existing: list[str], files: list[StagedFile]
+        self, name: str, key: tuple[str, ...], uris: list[str], total: int, hint: str = ""
     ) -> None:
-        """Stream key columns, hash them, and count rows whose key occurs twice.
+        """Stream the key columns of ``uris`` (``total`` rows), hash them, and count rows whose key occurs twice.
 
         Memory stays bounded: with more keys than one pass holds, the hashes are
         split by bucket and the files are read once per bucket.
         """
-        base = self.uri(name)
-        uris = list(existing) + [f"{base}/{f.path}" for f in files]
-        total = sum(f.rows for f in files) + (self.snapshot(name).rows if existing else 0)
         n_pass = max(1, math.ceil(total / _HASHES_PER_PASS))
         dup_rows = 0
         for bucket in range(n_pass):
@@ -556,7 +688,8 @@ class Tables:
                 _, counts = np.unique(np.concatenate(parts), return_counts=True)
                 dup_rows += int(counts[counts > 1].sum())
         if dup_rows:
-            raise TableError(name, ",".join(key), dup_rows, total, "share their key with another row")
+            problem = f"share their key with another row {hint}".rstrip()
+            raise TableError(name, ",".join(key), dup_rows, total, problem)
 
     def _discard(self, name: str, files: list[StagedFile]) -> None:
         fs, root = filesystem(self.uri(name), self.storage_options)
@@ -617,6 +750,25 @@ class TableWriter:
     def abort(self) -> None:
         self.tables._discard(self.name, self.staged)
         self.staged, self._buf, self._buf_rows = [], [], 0
+
+
+def _written_elsewhere(dt: DeltaTable, version: int) -> int | None:
+    """The latest version up to ``version`` whose rows something other than this table layer wrote.
+
+    The layer marks each of its commits with the run id. Walking back from ``version``, an
+    overwrite of ours ends the search (no older row survives it); a commit without the mark that
+    may change rows is foreign. None when every surviving row came through `validate`.
+    """
+    for c in sorted(dt.history(), key=lambda c: -c.get("version", -1)):
+        v = c.get("version", -1)
+        if not 0 <= v <= version:
+            continue
+        if "qarm.run_id" in c:
+            if (c.get("operationParameters") or {}).get("mode") == "Overwrite":
+                return None
+        elif c.get("operation") not in _NO_DATA_OPERATIONS:
+            return v
+    return None
 
 
 def new_run_id(stage: str) -> str:

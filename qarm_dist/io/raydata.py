@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from qarm_dist import faults
 from qarm_dist.io.delta import CommitResult, Tables, stage
 from qarm_dist.io.schemas import spec
 
@@ -34,14 +35,16 @@ class _StageBlocks:
         run_id: str,
         dim: int | None,
         storage_options: dict[str, str],
+        fault: faults.FaultSpec | None = None,
     ):
         self.model = model_cls(**model_kwargs)
         self.table_uri, self.table, self.run_id = table_uri, table, run_id
-        self.dim, self.storage_options = dim, storage_options
+        self.dim, self.storage_options, self.fault = dim, storage_options, fault
 
     def __call__(self, block: pa.Table) -> pa.Table:
         out = self.model(block)
         staged = stage(self.table_uri, spec(self.table), out, self.run_id, self.dim, self.storage_options)
+        faults.maybe_fail(self.fault, "ray.stage", table=self.table)
         return pa.Table.from_pylist([staged.to_dict()])
 
 
@@ -103,6 +106,7 @@ def write_mapped(
     info: dict[str, Any] | None = None,
 ) -> CommitResult:
     """Map ``ds`` through the model in actors, stage every output block, commit once under ``run_id``."""
+    tables.check_writable(name)
     stager = {
         "model_cls": model_cls,
         "model_kwargs": model_kwargs,
@@ -111,6 +115,7 @@ def write_mapped(
         "run_id": run_id,
         "dim": dim,
         "storage_options": tables.storage_options,
+        "fault": faults.from_env(),  # read in the driver: the actors may predate the variable
     }
     staged = map_blocks(
         ds,

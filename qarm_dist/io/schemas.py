@@ -34,6 +34,10 @@ class TableSpec:
     labels: tuple[str, ...] = ()
     doc: str = ""
     nullable: frozenset[str] = field(default_factory=frozenset)
+    #: (column, table): ids in the column must be keys of that table (checked on foreign writes)
+    refs: tuple[tuple[str, str], ...] = ()
+    #: rows are only ever added: a commit that would replace them is refused
+    append_only: bool = False
 
     @property
     def columns(self) -> list[str]:
@@ -63,6 +67,7 @@ INTERACTIONS = TableSpec(
     (("user_id", pa.int64()), ("item_id", pa.int64()), ("ts", pa.int64()), ("day", pa.date32()), *_LABELS),
     key=("user_id", "item_id", "ts"),
     labels=TASKS,
+    refs=(("item_id", "items"),),
     doc="One row per impression or rating; ts in epoch seconds, day = UTC date of ts.",
 )
 ITEMS = TableSpec(
@@ -87,6 +92,7 @@ ITEM_PAIRS = TableSpec(
         ("split", pa.string()),
     ),
     key=("trigger_id", "target_id"),
+    refs=(("trigger_id", "items"), ("target_id", "items")),
     doc="Behaviour pairs for alignment; source in {i2i, u2i}, split in {train, heldout}.",
 )
 ITEM_ALIGNED_EMB = TableSpec(
@@ -106,6 +112,7 @@ CODEBOOKS = TableSpec(
     ),
     key=("version", "level", "code"),
     nullable=frozenset({"params"}),
+    append_only=True,  # codebook versions are immutable: item codes and trained rankers refer to them
     doc="Residual K-means centroids per level; params holds FSQ parameters and fit metadata (JSON).",
 )
 ITEM_CODES = TableSpec(
@@ -135,6 +142,7 @@ SAMPLES = TableSpec(
     ),
     key=("user_id", "item_id", "ts"),
     labels=(*TASKS, "sampled"),
+    refs=(("item_id", "items"),),
     doc="Ranker input: labels, the user's prior items (oldest first), split in {train, eval}; sampled = 1 "
     "for a sampled negative; item_pop = the item's interactions in the train window.",
 )

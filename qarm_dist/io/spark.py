@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from qarm_dist import faults
 from qarm_dist.io.delta import CommitResult, StagedFile, Tables, read_file, stage
 from qarm_dist.io.schemas import spec
 
@@ -60,17 +61,30 @@ def read_files(
 
 
 def stage_dataframe(
-    df: DataFrame, tables: Tables, name: str, run_id: str, dim: int | None = None
+    df: DataFrame, tables: Tables, name: str, run_id: str, dim: int | None = None, folder: str | None = None
 ) -> list[StagedFile]:
-    """Write every non-empty partition of ``df`` as one staged file of table ``name``."""
-    uri, table_spec, options = tables.uri(name), spec(name), tables.storage_options
+    """Write every non-empty partition of ``df`` as one staged file of table ``name``.
+
+    ``folder`` (default: the table's own) stages the rows elsewhere, to hand them to another engine
+    (`qarm_dist.io.handoff`) rather than commit them.
+    """
+    tables.check_writable(name)
+    uri, table_spec, options = folder or tables.uri(name), spec(name), tables.storage_options
     columns = table_spec.columns
+    fault = faults.from_env()  # read here: the Python workers may predate the variable
 
     def write_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         parts = [b for b in batches if b.num_rows]
         if not parts:
             return
         staged = stage(uri, table_spec, pa.Table.from_batches(parts).select(columns), run_id, dim, options)
+        if fault is not None:
+            from pyspark import TaskContext
+
+            ctx = TaskContext.get()
+            faults.maybe_fail(
+                fault, "spark.stage", table=name, partition=ctx.partitionId(), attempt=ctx.attemptNumber()
+            )
         yield pa.RecordBatch.from_pylist([staged.to_dict()])
 
     rows = df.select(*columns).mapInArrow(write_partition, _RECORD_SCHEMA).collect()

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from qarm_dist import faults, models
+from qarm_dist import faults, models, training
 from qarm_dist.codebook import store
 from qarm_dist.config import QarmConfig
 from qarm_dist.engines import ray_init
@@ -235,9 +235,6 @@ def train_loop(config: dict[str, Any]) -> None:
 
 def fit(cfg: QarmConfig, version: str, names: list[str], seeds: list[int]) -> models.ModelInfo:
     """Train (and evaluate) every (variant, seed) job in one Ray Train run; publish the run as ``version``."""
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     tables = Tables.from_config(cfg)
     try:
         return models.find(tables, KIND, version)
@@ -287,31 +284,18 @@ def fit(cfg: QarmConfig, version: str, names: list[str], seeds: list[int]) -> mo
         "popularity_buckets": rc.popularity_buckets,
         "fault": faults.from_env(),
     }
-    storage, storage_fs = models.train_storage(tables, KIND)
-    trainer = TorchTrainer(
+    uri, run = training.run(
+        tables,
+        KIND,
+        version,
         train_loop,
-        train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="gloo"),  # sparse all-reduce needs gloo (NCCL has none)
-        scaling_config=ScalingConfig(
-            num_workers=rc.workers, resources_per_worker={"CPU": rc.cpus_per_worker}
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),  # rank 0 evaluates the whole window
-        run_config=RunConfig(
-            name=version,
-            storage_path=storage,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=rc.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-        ),
+        loop_config,
+        datasets,
+        # gloo: the sparse all-reduce of the tables needs it (NCCL has none)
+        training.Scaling(rc.workers, rc.cpus_per_worker, False, "gloo", rc.max_failures, keep=1),
+        RESULTS,
+        split=["train"],  # rank 0 evaluates the whole window
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"ranker training {version} failed: {result.error}")
-    uri = models.checkpoint_uri(tables, result.checkpoint.path)
-    info = models.ModelInfo(KIND, version, uri, {})
-    with models.local_checkpoint(info, tables.storage_options) as d, open(os.path.join(d, RESULTS)) as fh:
-        run = json.load(fh)
     return models.publish(
         tables,
         KIND,

@@ -1,0 +1,127 @@
+"""Alignment training throughput: `qarm align train` (Ray Train) vs a plain single-process torch loop.
+
+Both train the same residual tower with the same global batch, temperature, logQ
+correction and loss (`qarm_dist.align.loss.info_nce`) on the same train pairs and
+the same cores. The plain loop holds the joined pairs in memory as numpy and runs
+one process with all cores' torch threads. Ray Train is measured with 1 and 2
+workers; its steady-state pairs/s come from the per-epoch times the workers report
+(epochs after the first), and its wall time (joins, worker start) is reported apart.
+Prints a JSON line last.
+
+    python bench/align.py --world small          # builds world + pairs in a temp root
+    python bench/align.py --root qarm-data       # an existing root with item_pairs and item_content_emb
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from qarm_dist.align import train
+from qarm_dist.align.data import load_pairs, log_frequency
+from qarm_dist.align.loss import Batch, info_nce
+from qarm_dist.align.model import ResidualTower
+from qarm_dist.config import load_config
+from qarm_dist.data.ingest import write_world
+from qarm_dist.engines import ray_init, set_process_env
+from qarm_dist.io.delta import Tables
+from qarm_dist.pairs import run_pairs
+
+
+def plain_loop(tables: Tables, cfg, epochs: int, threads: int) -> float:
+    """Pairs/s of a plain torch loop over in-memory pairs (the peer)."""
+    torch.set_num_threads(threads)
+    ac = cfg.align
+    emb = pa.Table.from_batches(list(tables.read_batches("item_content_emb", columns=["item_id", "emb"])))
+    ids = emb["item_id"].to_numpy()
+    order = np.argsort(ids)
+    ids, dim = ids[order], tables.snapshot("item_content_emb").dim
+    x = torch.from_numpy(pc.list_flatten(emb["emb"]).to_numpy().reshape(-1, dim)[order].copy())
+    pairs = pa.Table.from_batches(list(tables.read_batches("item_pairs")))
+    pairs = pairs.filter(pc.equal(pairs["split"], "train"))
+    a = np.searchsorted(ids, pairs["trigger_id"].to_numpy())
+    b = np.searchsorted(ids, pairs["target_id"].to_numpy())
+    counts = np.bincount(np.concatenate([a, b]), minlength=len(ids))
+    logq = torch.from_numpy(log_frequency(counts, 2 * len(a)))
+    torch.manual_seed(0)
+    tower = ResidualTower(dim, ac.hidden)
+    opt = torch.optim.AdamW(tower.parameters(), lr=ac.lr, weight_decay=ac.weight_decay)
+    bs, times = ac.batch_size, []
+    rng = np.random.default_rng(0)
+    for _ in range(epochs):
+        perm = rng.permutation(len(a))
+        t0 = time.perf_counter()
+        for s in range(0, len(a) - bs + 1, bs):
+            ia, ib = torch.from_numpy(a[perm[s : s + bs]]), torch.from_numpy(b[perm[s : s + bs]])
+            out = tower(torch.cat([x[ia], x[ib]]))
+            batch = Batch(
+                out[:bs], out[bs:], ia, ib, logq[ia] if ac.logq else None, logq[ib] if ac.logq else None
+            )
+            loss, _, _ = info_nce(batch, ac.temperature)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        times.append(time.perf_counter() - t0)
+    steps = len(a) // bs
+    return steps * bs / statistics.median(times[1:] if len(times) > 1 else times)
+
+
+def ray_train(cfg, data, workers: int, tag: str) -> dict:
+    c = cfg.model_copy(update={"align": cfg.align.model_copy(update={"workers": workers})})
+    t0 = time.perf_counter()
+    info = train.train(c, f"bench-{tag}-w{workers}", data=data)
+    wall = time.perf_counter() - t0
+    hist = info.meta["history"]
+    steady = [h["pairs"] / h["seconds"] for h in hist[1:]] or [hist[0]["pairs"] / hist[0]["seconds"]]
+    return {"workers": workers, "pairs_per_s": statistics.median(steady), "fit_wall_s": wall}
+
+
+def main() -> None:
+    set_process_env()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", help="an existing root with item_pairs and item_content_emb")
+    ap.add_argument("--world", default="small", choices=["tiny", "small"], help="else build this world")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the plain loop")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+
+    root = args.root or tempfile.mkdtemp(prefix="qarm-bench-align-")
+    cfg = load_config(
+        overrides=[f"world.size={args.world}", f"align.epochs={args.epochs}", *args.overrides], root=root
+    )
+    tables = Tables.from_config(cfg)
+    if not tables.exists("item_pairs"):
+        write_world(cfg, "bench-world", emit_embeddings=True)
+        run_pairs(cfg, "bench-pairs")
+    plain = plain_loop(tables, cfg, args.epochs, args.threads)
+    ray_init(cfg)
+    t0 = time.perf_counter()
+    data = load_pairs(tables, "emb", cfg.align.logq, cfg.align.join_partitions)
+    load_s = time.perf_counter() - t0
+    tag = str(int(time.time()))
+    runs = [ray_train(cfg, data, w, tag) for w in (1, 2)]
+    out = {
+        "bench": "align",
+        "train_pairs": data.rows,
+        "dim": data.dim,
+        "batch": cfg.align.batch_size,
+        "epochs": args.epochs,
+        "plain_pairs_per_s": plain,
+        "ray_data_join_s": load_s,
+        "ray": runs,
+        "ratio_ray_vs_plain": {r["workers"]: r["pairs_per_s"] / plain for r in runs},
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
