@@ -125,7 +125,7 @@ PIPELINE = [
     "align.epochs=1",
     "align.batch_size=128",
     "align.seeds=1",
-    "rank.epochs=3",
+    "rank.epochs=2",
     "rank.batch_size=256",
     "rank.user_rows=4096",
     "rank.item_rows=4096",
@@ -142,7 +142,7 @@ def pipeline_root(tmp_path_factory, spark, ray_local) -> Path:
 
     Its tables and models are also the clean runs that fault-injected re-runs must reproduce: the
     world (run id w), item_pairs (p), alignment model a and its item_aligned_emb (ae), codebook
-    version 1 and its codes (cb), samples (s) and the ranker r (id_only, 3 epochs).
+    version 1 and its codes (cb), samples (s) and the ranker r (id_only, 2 epochs).
     """
     from qarm_dist import align
     from qarm_dist.codebook import stage as codebook

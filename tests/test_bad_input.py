@@ -11,8 +11,8 @@ root), runs one ``qarm`` command on it and checks the promise of docs/reliabilit
 
 The commands run through `qarm_dist.cli.main` in this process, so they share the module's Spark
 session and Ray instance (a fresh JVM and Ray per case would cost minutes); the cases marked
-``process=True`` and `test_the_console_script_reports_bad_input_on_one_line` run the installed
-console script as a user does.
+``process=True`` (those that fail before any engine starts) run the installed console script as a
+user does.
 """
 
 from __future__ import annotations
@@ -118,6 +118,30 @@ def reschema(table: str, drop: str | None = None, as_string: str | None = None) 
     return corrupt
 
 
+def movielens_folder(
+    movies: str = "1,A (1995),Comedy\n2,B (1996),Drama\n",
+    ratings: str = "1,1,4.0,1000000000\n2,2,3.0,1000000100\n",
+    header: str = "userId,movieId,rating,timestamp",
+) -> Callable[[Tables], None]:
+    """A small MovieLens folder beside the case's root (``{ml}`` in its command), from these CSV bodies."""
+
+    def write(t: Tables) -> None:
+        ml = Path(t.root).parent.parent / "ml"
+        ml.mkdir()
+        (ml / "movies.csv").write_text("movieId,title,genres\n" + movies)
+        (ml / "ratings.csv").write_text(f"{header}\n" + ratings)
+        (ml / "tags.csv").write_text("userId,movieId,tag,timestamp\n1,1,funny,1000000050\n")
+
+    return write
+
+
+def null_texts(t: Tables) -> None:
+    """Append 2 items whose text is null."""
+    ids = pa.array([10**6, 10**6 + 1], pa.int64())
+    rows = {"item_id": ids, "text": pa.nulls(2, pa.string()), "category": ["c", "c"], "created_ts": ids}
+    foreign_commit(t, "items", pa.table(rows))
+
+
 def remove_root(t: Tables) -> None:
     shutil.rmtree(t.root)
 
@@ -129,256 +153,292 @@ def root_under_a_file(t: Tables) -> None:
     parent.write_text("not a folder")
 
 
+def unwritable_ingest(t: Tables) -> None:
+    movielens_folder()(t)
+    root_under_a_file(t)
+
+
 # ------------------------------------------------------------------ cases
 
 
 @dataclass(frozen=True)
 class Case:
     id: str
-    argv: tuple[str, ...]  # the command and its own options
+    argv: tuple[str, ...]  # the command, then its own options ({ml}: the MovieLens folder beside the root)
     corrupt: Callable[[Tables], None] | None
     expect: tuple[str, ...]  # substrings of the error line
     process: bool = False  # run the installed console script (cases that fail before any engine starts)
 
 
-NAN = ("table 'item_content_emb', column 'emb': 4 of 600 rows have NaN or infinite values", "rewrite")
-NAN_ALIGNED = ("table 'item_aligned_emb', column 'emb': 4 of 600 rows have NaN or infinite values",)
-SHORT = ("table 'item_content_emb', column 'emb': 5 of 605 rows have an embedding length other than 64",)
-DUP_ITEMS = ("table 'items', column 'item_id': 6 of 603 rows share their key",)
-DUP_CONTENT = ("table 'item_content_emb', column 'item_id': 6 of 603 rows share their key",)
-UNKNOWN_INTER = (
-    "table 'interactions', column 'item_id': 4 of 16404 rows name ids that are not in table 'items'",
-)
-LIKE_2 = ("table 'interactions', column 'like': 5 of 16405 rows have a label outside {0, 1}",)
-NO_TS = ("table 'interactions', column 'ts': 16400 of 16400 rows are missing this column",)
-SAMPLES = ("samples",)
-CONTENT_SRC = ("--set", "codebook.source=item_content_emb")
+def case(
+    id: str, argv: str, corrupt: Callable[[Tables], None] | None, *expect: str, process: bool = False
+) -> Case:
+    return Case(id, tuple(argv.split()), corrupt, expect, process)
+
+
+CONTENT = "item_content_emb"
+ALIGNED = "item_aligned_emb"
+TO_CONTENT = "--set codebook.source=item_content_emb"
+NAN = "table 'item_content_emb', column 'emb': 4 of 600 rows have NaN or infinite values"
+NAN_ALIGNED = "table 'item_aligned_emb', column 'emb': 4 of 600 rows have NaN or infinite values"
+SHORT = "table 'item_content_emb', column 'emb': 5 of 605 rows have an embedding length other than 64"
+FOREIGN = "was written by something other than qarm"  # ... and what to do about it
+DUP_ITEMS = "table 'items', column 'item_id': 6 of 603 rows share their key"
+DUP_CONTENT = "table 'item_content_emb', column 'item_id': 6 of 603 rows share their key"
+UNKNOWN = "table 'interactions', column 'item_id': 4 of 16404 rows name ids that are not in table 'items'"
+LIKE_2 = "table 'interactions', column 'like': 5 of 16405 rows have a label outside {0, 1}"
+CLICK_2 = "table 'samples', column 'click': 5 of 16405 rows have a label outside {0, 1}"
+NO_TS = "table 'interactions', column 'ts': 16400 of 16400 rows are missing this column"
+NOT_IN_ITEMS = "4 of 16404 rows name ids that are not in table 'items'"
 
 CASES = [
-    # NaN / inf embeddings, read by every stage that reads embeddings
-    Case("nan/pairs", ("pairs",), nan_embeddings("item_content_emb"), NAN),
-    Case("nan/align-train", ("align", "train"), nan_embeddings("item_content_emb"), NAN),
-    Case("nan/align-embed", ("align", "embed"), nan_embeddings("item_content_emb"), NAN),
-    Case("nan/align-eval", ("align", "eval", "--no-behaviour"), nan_embeddings("item_content_emb"), NAN),
-    Case("nan/codebook-fit", ("codebook", "fit", *CONTENT_SRC), nan_embeddings("item_content_emb"), NAN),
-    Case("nan-aligned/codebook-fit", ("codebook", "fit"), nan_embeddings("item_aligned_emb"), NAN_ALIGNED),
-    Case(
-        "nan-aligned/codebook-assign", ("codebook", "assign"), nan_embeddings("item_aligned_emb"), NAN_ALIGNED
-    ),
-    Case(
-        "nan-aligned/rank-train-emb",
-        ("rank", "train", "--variant", "emb"),
-        nan_embeddings("item_aligned_emb"),
-        NAN_ALIGNED,
-    ),
+    # NaN / inf embeddings, for every stage that reads embeddings
+    case("nan/pairs", "pairs", nan_embeddings(CONTENT), NAN, FOREIGN),
+    case("nan/align-train", "align train", nan_embeddings(CONTENT), NAN, FOREIGN),
+    case("nan/align-embed", "align embed", nan_embeddings(CONTENT), NAN),
+    case("nan/align-eval", "align eval --no-behaviour", nan_embeddings(CONTENT), NAN),
+    case("nan/codebook-fit", f"codebook fit {TO_CONTENT}", nan_embeddings(CONTENT), NAN),
+    case("nan-aligned/codebook-fit", "codebook fit", nan_embeddings(ALIGNED), NAN_ALIGNED),
+    case("nan-aligned/codebook-assign", "codebook assign", nan_embeddings(ALIGNED), NAN_ALIGNED),
+    case("nan-aligned/rank-train", "rank train --variant emb", nan_embeddings(ALIGNED), NAN_ALIGNED),
     # embeddings of the wrong dimension
-    Case("short/pairs", ("pairs",), short_embeddings("item_content_emb"), SHORT),
-    Case("short/align-train", ("align", "train"), short_embeddings("item_content_emb"), SHORT),
-    Case(
-        "short/codebook-fit", ("codebook", "fit", *CONTENT_SRC), short_embeddings("item_content_emb"), SHORT
-    ),
-    Case(
+    case("short/pairs", "pairs", short_embeddings(CONTENT), SHORT, FOREIGN),
+    case("short/align-train", "align train", short_embeddings(CONTENT), SHORT),
+    case("short/codebook-fit", f"codebook fit {TO_CONTENT}", short_embeddings(CONTENT), SHORT),
+    case(
         "dim/world",
-        ("world", "--emit-embeddings", "--set", "world.content_dim=32"),
+        "world --emit-embeddings --set world.content_dim=32",
         None,
-        (
-            "table 'item_content_emb', column 'emb': 600 of 600 rows have dimension 64, the world's is 32",
-            "world.content_dim=64",
-        ),
+        "table 'item_content_emb', column 'emb': 600 of 600 rows have dimension 64, the world's is 32",
+        "set world.content_dim=64",
     ),
     # duplicate item ids
-    Case("dup-items/embed", ("embed",), duplicate_rows("items"), DUP_ITEMS),
-    Case("dup-items/pairs", ("pairs",), duplicate_rows("items"), DUP_ITEMS),
-    Case("dup-items/samples", ("samples",), duplicate_rows("items"), DUP_ITEMS),
-    Case("dup-content/align-train", ("align", "train"), duplicate_rows("item_content_emb"), DUP_CONTENT),
-    Case(
-        "dup-content/codebook-fit",
-        ("codebook", "fit", *CONTENT_SRC),
-        duplicate_rows("item_content_emb"),
-        DUP_CONTENT,
-    ),
-    Case(
+    case("dup-items/embed", "embed", duplicate_rows("items"), DUP_ITEMS, FOREIGN),
+    case("dup-items/pairs", "pairs", duplicate_rows("items"), DUP_ITEMS),
+    case("dup-items/samples", "samples", duplicate_rows("items"), DUP_ITEMS),
+    case("dup-content/align-train", "align train", duplicate_rows(CONTENT), DUP_CONTENT),
+    case("dup-content/codebook-fit", f"codebook fit {TO_CONTENT}", duplicate_rows(CONTENT), DUP_CONTENT),
+    case(
         "dup-samples/rank-train",
-        ("rank", "train"),
+        "rank train",
         duplicate_rows("samples"),
-        ("table 'samples', column 'user_id,item_id,ts': 6 of",),
+        "table 'samples', column 'user_id,item_id,ts': 6 of 16403 rows share their key",
     ),
     # empty tables
-    Case("empty-items/embed", ("embed",), empty("items"), ("table 'items'", "0 rows")),
-    Case(
-        "empty-interactions/pairs",
-        ("pairs",),
-        empty("interactions"),
-        ("table 'interactions'", "0 of 0 rows", "empty"),
+    case(
+        "empty/embed", "embed", empty("items"), "table 'items' (version 2) has 0 rows", "ingest items first"
     ),
-    Case(
-        "empty-interactions/samples",
-        ("samples",),
-        empty("interactions"),
-        ("table 'interactions'", "0 of 0", "empty"),
+    case("empty/pairs", "pairs", empty("interactions"), "table 'interactions': 0 of 0 rows", "empty"),
+    case("empty/samples", "samples", empty("interactions"), "table 'interactions': 0 of 0 rows", "empty"),
+    case(
+        "empty/align-train", "align train", empty("item_pairs"), "table 'item_pairs', column 'split': 0 of 0"
     ),
-    Case(
-        "empty-pairs/align-train",
-        ("align", "train"),
-        empty("item_pairs"),
-        ("table 'item_pairs', column 'split': 0 of 0 rows", "qarm pairs"),
+    case(
+        "empty/codebook-fit",
+        f"codebook fit {TO_CONTENT}",
+        empty(CONTENT),
+        f"table '{CONTENT}', column 'emb': 0 of 0",
     ),
-    Case(
-        "empty-content/codebook-fit",
-        ("codebook", "fit", *CONTENT_SRC),
-        empty("item_content_emb"),
-        ("table 'item_content_emb', column 'emb': 0 of 0 rows",),
-    ),
-    Case(
-        "empty-samples/rank-train",
-        ("rank", "train"),
+    case(
+        "empty/rank-train",
+        "rank train",
         empty("samples"),
-        ("table 'samples'", "0 of 0 rows", "qarm samples"),
+        "table 'samples': 0 of 0 rows",
+        "run `qarm samples`",
     ),
-    Case("empty-samples/rank-eval", ("rank", "eval"), empty("samples"), ("table 'samples'", "0 of 0 rows")),
+    case(
+        "empty/rank-eval", "rank eval", empty("samples"), "table 'samples': 0 of 0 rows", "run `qarm samples`"
+    ),
     # missing or mistyped columns: a Delta table written by something else with another schema
-    Case("no-ts/pairs", ("pairs",), reschema("interactions", drop="ts"), NO_TS),
-    Case("no-ts/samples", ("samples",), reschema("interactions", drop="ts"), NO_TS),
-    Case(
+    case("no-ts/pairs", "pairs", reschema("interactions", drop="ts"), NO_TS),
+    case("no-ts/samples", "samples", reschema("interactions", drop="ts"), NO_TS),
+    case(
         "text-ts/embed",
-        ("embed",),
+        "embed",
         reschema("items", as_string="created_ts"),
-        ("table 'items', column 'created_ts': 600 of 600 rows are stored as string, expected int64",),
+        "table 'items', column 'created_ts': 600 of 600 rows are stored as string, expected int64",
     ),
-    Case(
+    case(
+        "null-text/embed",
+        "embed",
+        null_texts,
+        "table 'items', column 'text': 2 of 602 rows are null",
+    ),
+    case(
         "no-split/align-train",
-        ("align", "train"),
+        "align train",
         reschema("item_pairs", drop="split"),
-        ("table 'item_pairs', column 'split'", "missing this column"),
+        "table 'item_pairs', column 'split': 2329 of 2329 rows are missing this column",
     ),
-    Case(
+    case(
         "no-history/rank-train",
-        ("rank", "train"),
+        "rank train",
         reschema("samples", drop="history"),
-        ("table 'samples', column 'history'", "missing this column"),
+        "table 'samples', column 'history': 16400 of 16400 rows are missing this column",
     ),
-    Case(
+    case(
         "no-rq/rank-train",
-        ("rank", "train"),
+        "rank train",
         reschema("item_codes", drop="rq"),
-        ("table 'item_codes', column 'rq'", "missing this column"),
+        "table 'item_codes', column 'rq': 600 of 600 rows are missing this column",
     ),
-    Case(
+    case(
         "text-level/codebook-assign",
-        ("codebook", "assign"),
+        "codebook assign",
         reschema("codebooks", as_string="level"),
-        ("table 'codebooks', column 'level'", "stored as string, expected int32"),
+        "table 'codebooks', column 'level': 16 of 16 rows are stored as string, expected int32",
     ),
     # ids that are not in items
-    Case("unknown/pairs", ("pairs",), unknown_ids("interactions", "item_id"), UNKNOWN_INTER),
-    Case("unknown/samples", ("samples",), unknown_ids("interactions", "item_id"), UNKNOWN_INTER),
-    Case(
-        "unknown-pairs/align-train",
-        ("align", "train"),
+    case("unknown/pairs", "pairs", unknown_ids("interactions", "item_id"), UNKNOWN, FOREIGN),
+    case("unknown/samples", "samples", unknown_ids("interactions", "item_id"), UNKNOWN),
+    case(
+        "unknown/align-train",
+        "align train",
         unknown_ids("item_pairs", "trigger_id"),
-        ("table 'item_pairs', column 'trigger_id': 4 of", "not in table 'items'"),
+        "table 'item_pairs', column 'trigger_id': 4 of 2333 rows name ids that are not in table 'items'",
     ),
-    Case(
-        "unknown-samples/rank-train",
-        ("rank", "train"),
-        unknown_ids("samples", "item_id"),
-        ("table 'samples', column 'item_id': 4 of", "not in table 'items'"),
+    case(
+        "unknown/rank-train", "rank train", unknown_ids("samples", "item_id"), "table 'samples'", NOT_IN_ITEMS
     ),
-    Case(
-        "unknown-samples/rank-eval",
-        ("rank", "eval"),
-        unknown_ids("samples", "item_id"),
-        ("table 'samples', column 'item_id': 4 of", "not in table 'items'"),
+    case(
+        "unknown/rank-eval", "rank eval", unknown_ids("samples", "item_id"), "table 'samples'", NOT_IN_ITEMS
     ),
     # labels outside {0, 1}
-    Case("label/pairs", ("pairs",), bad_labels("interactions", "like"), LIKE_2),
-    Case("label/samples", ("samples",), bad_labels("interactions", "like"), LIKE_2),
-    Case(
-        "label/rank-train",
-        ("rank", "train"),
-        bad_labels("samples", "click"),
-        ("table 'samples', column 'click': 5 of", "label outside {0, 1}"),
+    case("label/pairs", "pairs", bad_labels("interactions", "like"), LIKE_2, FOREIGN),
+    case("label/samples", "samples", bad_labels("interactions", "like"), LIKE_2),
+    case("label/rank-train", "rank train", bad_labels("samples", "click"), CLICK_2),
+    case("label/rank-ablate", "rank ablate", bad_labels("samples", "click"), CLICK_2),
+    case("label/rank-eval", "rank eval", bad_labels("samples", "click"), CLICK_2),
+    # a MovieLens folder with bad files
+    case(
+        "ml-duplicate-movie/ingest",
+        "ingest movielens --path {ml}",
+        movielens_folder(movies="1,A (1995),Comedy\n2,B (1996),Drama\n2,B again (1996),Drama\n"),
+        "table 'items', column 'item_id': 2 of 3 rows share their key",
     ),
-    Case(
-        "label/rank-ablate",
-        ("rank", "ablate"),
-        bad_labels("samples", "click"),
-        ("table 'samples', column 'click': 5 of", "label outside {0, 1}"),
+    case(
+        "ml-bad-rating/ingest",
+        "ingest movielens --path {ml}",
+        movielens_folder(ratings="1,1,4.0,1000000000\n2,1,five,1000000200\n"),
+        "ratings.csv: In CSV column #2: CSV conversion error to float: invalid value 'five'",
+        "rating (float)",
     ),
-    Case(
-        "label/rank-eval",
-        ("rank", "eval"),
-        bad_labels("samples", "click"),
-        ("table 'samples', column 'click': 5 of", "label outside {0, 1}"),
+    case(
+        "ml-no-timestamp/ingest",
+        "ingest movielens --path {ml}",
+        movielens_folder(header="userId,movieId,rating"),
+        "ratings.csv lacks column(s) timestamp",
+        process=True,
     ),
     # configs with unknown fields or impossible values
-    Case(
+    case(
         "config/unknown-field",
-        ("pairs", "--set", "pairs.swing_alfa=2"),
+        "pairs --set pairs.swing_alfa=2",
         None,
-        ("config field 'pairs.swing_alfa'", "Extra inputs are not permitted"),
+        "config field 'pairs.swing_alfa': Extra inputs are not permitted",
         process=True,
     ),
-    Case(
+    case(
+        "config/no-file",
+        "samples --config /nonexistent/qarm.yaml",
+        None,
+        "config file /nonexistent/qarm.yaml does not exist",
+        process=True,
+    ),
+    case(
         "config/levels-0",
-        ("codebook", "fit", "--levels", "0"),
+        "codebook fit --levels 0",
         None,
-        ("config field 'codebook.levels'", "greater than 0"),
+        "config field 'codebook.levels': Input should be greater than 0",
         process=True,
     ),
-    Case(
+    case(
         "config/negative-batch",
-        ("align", "train", "--set", "align.batch_size=-8"),
+        "align train --set align.batch_size=-8",
         None,
-        ("config field 'align.batch_size'", "greater than 1"),
+        "config field 'align.batch_size': Input should be greater than 1",
         process=True,
     ),
-    Case(
+    case(
         "config/negative-items",
-        ("world", "--set", "world.n_items=-5"),
+        "world --set world.n_items=-5",
         None,
-        ("config field 'world.n_items'", "greater than 0"),
+        "config field 'world.n_items': Input should be greater than 0",
         process=True,
     ),
-    Case(
+    case(
         "config/k-above-items",
-        ("codebook", "fit", "--k", "5000"),
+        "codebook fit --k 5000",
         None,
-        ("k=5000 is larger than the", "vectors of table 'item_aligned_emb'"),
+        "k=5000 is larger than the 582 vectors of table 'item_aligned_emb'",
     ),
-    Case(
+    case(
         "config/batch-not-multiple",
-        ("rank", "train", "--set", "rank.batch_size=255"),
+        "rank train --set rank.batch_size=255",
         None,
-        ("rank.batch_size 255 must be a multiple of rank.workers 2",),
+        "rank.batch_size 255 must be a multiple of rank.workers 2",
     ),
-    Case(
+    case(
         "config/actors-hold-every-cpu",
-        ("embed", "--set", "encoder.actors=2"),
+        "embed --set encoder.actors=2",
         None,
-        ("encoder.actors x encoder.cpus_per_actor = 2 x 1", "lower encoder.actors"),
+        "encoder.actors x encoder.cpus_per_actor = 2 x 1.0 holds 2 of the cluster's 2 CPUs",
+        "lower encoder.actors",
+    ),
+    case(
+        "config/unknown-variant",
+        "rank train --variant nope",
+        None,
+        "unknown ranker variant 'nope'; known: id_only",
+    ),
+    case(
+        "config/no-codebook-version",
+        "codebook assign --version 9",
+        None,
+        "codebook version 9 does not exist; versions: [1]",
+    ),
+    case(
+        "config/no-align-model",
+        "align embed --model nope",
+        None,
+        "no published align model 'nope'",
+        "known: a",
+    ),
+    case(
+        "config/no-rank-model", "rank eval --model nope", None, "no published rank model 'nope'", "known: r"
     ),
     # a root that does not exist, or cannot be written
-    Case("no-root/embed", ("embed",), remove_root, ("table 'items' does not exist",), process=True),
-    Case("no-root/pairs", ("pairs",), remove_root, ("table 'interactions' does not exist",)),
-    Case("no-root/align-train", ("align", "train"), remove_root, ("table 'item_pairs' does not exist",)),
-    Case(
-        "no-root/codebook-fit", ("codebook", "fit"), remove_root, ("table 'item_content_emb' does not exist",)
+    case("no-root/embed", "embed", remove_root, "table 'items' does not exist under", process=True),
+    case("no-root/pairs", "pairs", remove_root, "table 'interactions' does not exist under"),
+    case("no-root/align-train", "align train", remove_root, "table 'item_pairs' does not exist under"),
+    case(
+        "no-root/codebook-fit", "codebook fit", remove_root, "table 'item_content_emb' does not exist under"
     ),
-    Case("no-root/samples", ("samples",), remove_root, ("table 'interactions' does not exist",)),
-    Case("no-root/rank-train", ("rank", "train"), remove_root, ("does not exist",)),
-    Case(
+    case("no-root/samples", "samples", remove_root, "table 'interactions' does not exist under"),
+    case("no-root/rank-train", "rank train", remove_root, "table 'samples' does not exist under"),
+    case(
         "unwritable-root/world",
-        ("world",),
+        "world",
         root_under_a_file,
-        ("is not writable", "writable --root"),
+        "is not writable",
+        "give a writable --root",
+        process=True,
+    ),
+    case(
+        "unwritable-root/ingest",
+        "ingest movielens --path {ml}",
+        unwritable_ingest,
+        "is not writable",
         process=True,
     ),
 ]
 
 
 def _run(case: Case, root: Path, capsys: pytest.CaptureFixture) -> tuple[int, str]:
-    args = [*case.argv, "--root", str(root), "-q", *(a for s in PIPELINE for a in ("--set", s))]
+    """Run the case's command on ``root`` with the pipeline's settings; its options go last, so they win."""
+    words = [a.format(ml=root.parent.parent / "ml") for a in case.argv]
+    n = next((i for i, a in enumerate(words) if a.startswith("-")), len(words))
+    args = [*words[:n], "--root", str(root), "-q", *(a for s in PIPELINE for a in ("--set", s)), *words[n:]]
     if case.process:
         p = run_qarm(*args)
         return p.returncode, p.stderr
@@ -393,9 +453,8 @@ def test_bad_input_fails_cleanly_and_changes_no_table(
 ):
     root = tmp_path / "case" / "root"
     shutil.copytree(pipeline_root, root)
-    t = Tables(str(root))
     if case.corrupt is not None:
-        case.corrupt(t)
+        case.corrupt(Tables(str(root)))
     before = state(root) if root.exists() else None
     rc, err = _run(case, root, capsys)
     assert rc == 2, err[-3000:]
@@ -404,5 +463,7 @@ def test_bad_input_fails_cleanly_and_changes_no_table(
         assert part in line, line
     if before is not None:
         assert state(root) == before
-    else:
-        assert not root.exists() or not any(root.iterdir()), "a failed job wrote under a missing root"
+    else:  # the root was missing or could not be made: it still is
+        assert not root.is_dir() or not any(root.rglob("_delta_log")), (
+            "a failed job wrote under a missing root"
+        )

@@ -133,3 +133,25 @@ def test_a_failing_job_exits_non_zero_with_its_error(local_cluster, tmp_path, st
     assert f"qarm: error: table '{table}' does not exist" in r.stdout + r.stderr
     if stage == "embed":
         assert ray_job_status(run_id) == ["FAILED"]
+
+
+def test_align_train_runs_as_a_ray_train_job_over_both_nodes(local_cluster, tmp_path):
+    from qarm_dist import models
+
+    root = tmp_path / "tables"
+    make_world(root, "--emit-embeddings")
+    r = qarm("pairs", "--root", str(root), "-q", "--run-id", "p", timeout=300)  # local Spark
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = submit(
+        "align-train",
+        root,
+        "--run-id",
+        "al-c",
+        *("--set", "align.epochs=2", "--set", "align.batch_size=128", "--set", "align.seeds=1"),
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert ray_job_status("al-c") == ["SUCCEEDED"]
+    tables = Tables(str(root))
+    (info,) = models.published(tables, "align")  # published, its checkpoints beside the tables
+    assert info.version.startswith("al-c") and info.meta["pairs_version"] == tables.version("item_pairs")
+    assert [h["epoch"] for h in info.meta["history"]] == [0, 1] and info.meta["train_pairs"] > 0

@@ -17,12 +17,14 @@ The fault points are documented in `qarm_dist.faults`; docs/reliability.md lists
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from conftest import PIPELINE, read_all
-from reliability import run_qarm, state
+from reliability import QARM, run_qarm, state
 
 from qarm_dist import faults
 from qarm_dist.align import run_embed as align_embed
@@ -41,10 +43,10 @@ from qarm_dist.data.ingest import write_world
 from qarm_dist.io.delta import TableError, Tables
 from qarm_dist.io.schemas import spec
 from qarm_dist.rank import train as rank
+from qarm_dist.rank.samples import run_samples
 
 pytestmark = pytest.mark.slow
 
-WORLD = ("world.size=tiny", "world.seed=1")  # the job killed below: seed 1 over a root holding seed 0
 WORLD_TABLES = ("items", "interactions", "item_content_emb")  # in the order the job commits them
 
 
@@ -77,95 +79,104 @@ def assert_same_rows(a: pa.Table, b: pa.Table) -> None:
 # ------------------------------------------------------------------ a killed job
 
 
-@pytest.fixture(scope="module")
-def worlds(tmp_path_factory) -> tuple[Path, Path]:
-    """A root holding world seed 0 (the previous versions), and the clean result of the seed-1 job."""
-    base = tmp_path_factory.mktemp("worlds")
+@dataclass(frozen=True)
+class WorldJob:
+    """`qarm world --emit-embeddings` of world seed 1 over a root that holds seed 0 (the previous versions)."""
+
+    settings: tuple[str, ...]
+    before: Path  # the root the job starts from
+    clean: Path  # what the job leaves when nothing goes wrong
+    seconds: float  # how long that clean run took, start to exit
+
+    def run(self, root: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+        args = ["world", "--emit-embeddings", "--run-id", "w1", "--root", str(root), "-q"]
+        return run_qarm(*args, *(a for s in (*self.settings, "world.seed=1") for a in ("--set", s)), env=env)
+
+    def assert_old_or_complete(self, root: Path) -> list[str]:
+        """Every table is at its previous version or at the job's full new one; the names of the new ones."""
+        t, old, new = Tables(str(root)), state(self.before), state(self.clean)
+        done = []
+        for name in WORLD_TABLES:
+            v = t.version(name)
+            assert v in (old[name], new[name]), (name, v)
+            done += [name] if v == new[name] else []
+            want = Tables(str(self.clean if v == new[name] else self.before))
+            assert_same_rows(rows_by_key(t, name), rows_by_key(want, name))
+        assert done == list(WORLD_TABLES[: len(done)]), done  # committed in order: never a later one alone
+        return done
+
+    def assert_rerun_finishes(self, root: Path) -> None:
+        """Re-running the killed run id commits what was left, once: the clean run's versions and rows."""
+        p = self.run(root)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert state(root) == state(self.clean)  # one new version per table: nothing committed twice
+        for name in WORLD_TABLES:
+            assert_same_rows(rows_by_key(Tables(str(root)), name), rows_by_key(Tables(str(self.clean)), name))
+
+
+def world_job(base: Path, *settings: str) -> WorldJob:
     before, clean = base / "before", base / "clean"
-    write_world(load_config(overrides=["world.size=tiny"], root=str(before)), "w0", emit_embeddings=True)
+    write_world(load_config(overrides=list(settings), root=str(before)), "w0", emit_embeddings=True)
     shutil.copytree(before, clean)
-    write_world(load_config(overrides=list(WORLD), root=str(clean)), "w1", emit_embeddings=True)
-    return before, clean
+    job = WorldJob(settings, before, clean, 0.0)
+    t0 = time.time()
+    assert job.run(clean).returncode == 0
+    return WorldJob(settings, before, clean, time.time() - t0)
 
 
-def world_job(root: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    args = ["world", "--emit-embeddings", "--run-id", "w1", "--root", str(root), "-q"]
-    return run_qarm(*args, *(a for s in WORLD for a in ("--set", s)), env=env, timeout=300)
-
-
-def assert_each_table_old_or_complete(root: Path, before: Path, clean: Path) -> list[str]:
-    """Every table is at the previous version or at the job's full new one; the names of the new ones."""
-    t, old, new = Tables(str(root)), state(before), state(clean)
-    done = []
-    for name in WORLD_TABLES:
-        v = t.version(name)
-        assert v in (old[name], new[name]), (name, v)
-        if v == new[name]:
-            assert_same_rows(rows_by_key(t, name), rows_by_key(Tables(str(clean)), name))
-            done.append(name)
-        else:
-            assert_same_rows(rows_by_key(t, name), rows_by_key(Tables(str(before)), name))
-    assert done == list(WORLD_TABLES[: len(done)]), done  # committed in order: never a later one alone
-    return done
-
-
-def assert_rerun_finishes(root: Path, clean: Path) -> None:
-    """Re-running the killed run id commits what was left, once: the clean run's versions and rows."""
-    p = world_job(root)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert state(root) == state(clean)  # one version per table: nothing committed twice
-    for name in WORLD_TABLES:
-        assert_same_rows(rows_by_key(Tables(str(root)), name), rows_by_key(Tables(str(clean)), name))
+@pytest.fixture(scope="module")
+def tiny_job(tmp_path_factory) -> WorldJob:
+    return world_job(tmp_path_factory.mktemp("tiny-job"), "world.size=tiny")
 
 
 KILL_POINTS = [f"commit.{when}:table={name}" for name in WORLD_TABLES for when in ("before", "after")][:-1]
 
 
 @pytest.mark.parametrize("point", KILL_POINTS)
-def test_a_job_killed_at_a_write_boundary_leaves_no_half_version(point, worlds, tmp_path):
-    before, clean = worlds
+def test_a_job_killed_at_a_write_boundary_leaves_no_half_version(point, tiny_job, tmp_path):
     root = tmp_path / "root"
-    shutil.copytree(before, root)
-    p = world_job(root, env={faults.FAULT_ENV: point})
+    shutil.copytree(tiny_job.before, root)
+    p = tiny_job.run(root, env={faults.FAULT_ENV: point})
     assert p.returncode == faults.EXIT_CODE, p.stderr[-3000:]
-    done = assert_each_table_old_or_complete(root, before, clean)
-    name = point.split("table=")[1]
-    assert (name in done) == point.startswith("commit.after")  # the kill landed where it was aimed
-    assert_rerun_finishes(root, clean)
+    done = tiny_job.assert_old_or_complete(root)
+    assert (point.split("table=")[1] in done) == point.startswith("commit.after")  # it died where aimed
+    tiny_job.assert_rerun_finishes(root)
 
 
-def test_a_job_sigkilled_at_random_moments_leaves_no_half_version(worlds, tmp_path):
-    """A real SIGKILL of the job's whole process group, at seeded random delays; then the re-run."""
-    before, clean = worlds
+def test_a_job_sigkilled_at_random_moments_leaves_no_half_version(tmp_path):
+    """A real SIGKILL of the job's whole process group at seeded random moments of its run, then the re-run.
+
+    The world is the `small` one (180k interactions), so that the job runs long enough for the kills
+    to land at different moments of it.
+    """
+    job = world_job(tmp_path / "job", "world.size=small")
     rng = random.Random(9)
     outcomes = []
-    for i in range(4):
+    for i in range(3):
         root = tmp_path / f"root{i}"
-        shutil.copytree(before, root)
-        args = [sys.executable, "-m", "qarm_dist.cli", "world", "--emit-embeddings", "--run-id", "w1"]
-        args += ["--root", str(root), "-q", *(a for s in WORLD for a in ("--set", s))]
+        shutil.copytree(job.before, root)
+        args = ["world", "--emit-embeddings", "--run-id", "w1", "--root", str(root), "-q"]
+        args += [a for s in (*job.settings, "world.seed=1") for a in ("--set", s)]
         proc = subprocess.Popen(
-            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+            [QARM, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
-        delay = rng.uniform(1.0, 6.0)
+        delay = rng.uniform(0.3, 1.0) * job.seconds
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
-            subprocess.run(["kill", "-9", "--", f"-{proc.pid}"], check=False)
-            proc.wait(timeout=30)
-        outcomes.append(
-            (round(delay, 2), proc.returncode, assert_each_table_old_or_complete(root, before, clean))
-        )
-        assert_rerun_finishes(root, clean)
-    print("delay, exit status, tables committed before the kill:", outcomes)
-    assert any(rc == -signal.SIGKILL for _, rc, _ in outcomes)  # at least one kill landed mid-job
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+        outcomes.append((round(delay, 2), proc.returncode, job.assert_old_or_complete(root)))
+        job.assert_rerun_finishes(root)
+    print(f"clean run {job.seconds:.1f} s; (delay, exit status, tables committed before the kill):", outcomes)
+    assert any(rc == -signal.SIGKILL for _, rc, _ in outcomes)  # kills landed mid-job
 
 
 # ------------------------------------------------------------------ engines: Spark tasks, Ray actors
 
 
-def test_a_spark_task_failure_is_retried_and_equals_the_clean_run(pipeline_root, tmp_path):
-    """`qarm samples` with its Spark task killed, its driver killed, then retried: the clean samples, once."""
+def test_a_spark_task_failure_is_retried_and_equals_the_clean_run(pipeline_root, tmp_path, monkeypatch):
+    """`qarm samples` with a Spark task killed: without retries nothing is committed; retried, the clean samples."""
     root = tmp_path / "root"
     shutil.copytree(pipeline_root, root)
     before = state(root)
@@ -179,12 +190,12 @@ def test_a_spark_task_failure_is_retried_and_equals_the_clean_run(pipeline_root,
         *(a for s in PIPELINE for a in ("--set", s)),
     ]
 
-    # the driver dies after every task staged its file, before the commit
-    p = run_qarm(*args, env={faults.FAULT_ENV: "commit.before:table=samples"})
-    assert p.returncode == faults.EXIT_CODE and state(root) == before, p.stderr[-3000:]
-    # a task dies and local[2] allows no retry: the job fails, nothing is committed
-    p = run_qarm(*args, env={faults.FAULT_ENV: "spark.stage:table=samples"})
-    assert p.returncode != 0 and state(root) == before, p.stderr[-3000:]
+    # a task dies and local[2] (the session here) allows no retry: the job fails, nothing is committed
+    monkeypatch.setenv(faults.FAULT_ENV, "spark.stage:table=samples")
+    with pytest.raises(Exception, match="Python worker exited unexpectedly"):
+        run_samples(pipeline_cfg(root), "s-fault")
+    monkeypatch.delenv(faults.FAULT_ENV)
+    assert state(root) == before
     # a task dies once and local[2,2] retries it: the run equals the clean one
     marker = tmp_path / "fired"
     env = {faults.FAULT_ENV: "spark.stage:table=samples", faults.ONCE_ENV: str(marker)}
@@ -279,12 +290,16 @@ def test_two_writers_on_one_local_table_commit_or_fail_cleanly(tmp_path):
 # ------------------------------------------------------------------ training
 
 
+# Within about the seed-to-seed spread of this model (docs/reliability.md has the measurements).
+TOLERANCE = {"auc": 0.02, "gauc": 0.03, "logloss": 0.01}
+
+
 def test_a_killed_ranker_worker_resumes_and_ends_with_the_clean_metrics(pipeline_root, tmp_path, monkeypatch):
-    """Rank 1 dies in epoch 1 of 3; the run resumes from epoch 0's checkpoint and matches the clean run ``r``.
+    """Rank 1 dies in epoch 1 of 2; the run resumes from epoch 0's checkpoint and matches the clean run ``r``.
 
     Resumed training is not bit-identical (the restarted data stream hands out other batches), so the
-    figures are compared within ``TOLERANCE``, about the seed-to-seed spread of this model (see
-    docs/reliability.md): a restart from scratch or a lost epoch would differ by more.
+    figures are compared within ``TOLERANCE``: DESIGN.md counts a difference inside the spread over
+    seeds as none, and the history proves the resume itself.
     """
     root = tmp_path / "root"
     shutil.copytree(pipeline_root, root)
@@ -295,16 +310,13 @@ def test_a_killed_ranker_worker_resumes_and_ends_with_the_clean_metrics(pipeline
     clean = rank.train(pipeline_cfg(pipeline_root), "r")  # published by the pipeline: read, not trained
     assert marker.exists()
     epochs = [(h["epoch"], h["resumed_from"]) for h in info.meta["history"]]
-    assert epochs == [(0, None), (1, 0), (2, None)]  # resumed after epoch 0, not restarted
+    assert epochs == [(0, None), (1, 0)]  # resumed after epoch 0, not restarted
     got, want = info.meta["results"][-1]["eval"], clean.meta["results"][-1]["eval"]
     print({task: {k: (got[task][k], want[task][k]) for k in ("auc", "gauc", "logloss")} for task in got})
     for task in ("click", "like"):
-        for key in ("auc", "gauc"):
-            assert got[task][key] == pytest.approx(want[task][key], abs=TOLERANCE), (task, key)
+        for key, tolerance in TOLERANCE.items():
+            assert got[task][key] == pytest.approx(want[task][key], abs=tolerance), (task, key)
         assert got[task]["rows"] == want[task]["rows"]
-
-
-TOLERANCE = 0.02
 
 
 # ------------------------------------------------------------------ codebooks

@@ -77,6 +77,11 @@ class TextTower(nn.Module):
         self.spec = {"kind": "text", "encoder": encoder, "max_length": max_length}
         self.encoder = SentenceTransformer(str(get_model_path()), device="cpu")
         self.encoder.max_seq_length = max_length
+        # The sentence embedding mean-pools token states; BERT's pooler head never reaches it, and DDP
+        # refuses parameters that get no gradient, so the pooler is frozen.
+        for name, p in self.encoder.named_parameters():
+            if ".pooler." in name:
+                p.requires_grad_(False)
 
     @property
     def dim(self) -> int:
@@ -84,11 +89,13 @@ class TextTower(nn.Module):
 
     def inputs(self, *cols: pa.ChunkedArray | pa.Array) -> dict[str, torch.Tensor]:
         """String columns → the tokenized features of all their rows, padded together."""
-        return self.encoder.tokenize([t or "" for col in cols for t in col.to_pylist()])
+        return self.encoder.preprocess([t or "" for col in cols for t in col.to_pylist()])
 
     def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         device = next(self.parameters()).device
-        out = self.encoder({k: v.to(device) for k, v in features.items()})
+        out = self.encoder(
+            {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
+        )
         return F.normalize(out["sentence_embedding"], dim=-1)
 
 

@@ -1,15 +1,17 @@
 """Write a data source into the `items` and `interactions` tables.
 
-Sources stream chunks; `TableWriter` validates and stages them, and each
-table is committed once under the job's run id. Items are committed before
-interactions, so a job that dies between the two leaves items only, and a
-re-run of the same run id skips items and commits interactions.
+Sources stream chunks; `TableWriter` validates and stages them. Every table is
+staged and checked before the first commit, so bad rows anywhere commit
+nothing; then each table is committed once under the job's run id. Items are
+committed before interactions, so a job killed between the two commits leaves
+items only, and a re-run of the same run id skips items and commits
+interactions.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import pyarrow as pa
 from tqdm import tqdm
@@ -17,12 +19,12 @@ from tqdm import tqdm
 from qarm_dist.config import QarmConfig
 from qarm_dist.data import movielens
 from qarm_dist.data.world import World
-from qarm_dist.io.delta import CommitResult, TableError, Tables
+from qarm_dist.io.delta import CommitResult, TableError, Tables, TableWriter
 
 log = logging.getLogger(__name__)
 
 
-def _write(
+def _stage(
     tables: Tables,
     name: str,
     chunks: Iterable[pa.Table],
@@ -30,8 +32,8 @@ def _write(
     cfg: QarmConfig,
     total: int | None,
     dim: int | None = None,
-    info: dict | None = None,
-) -> CommitResult:
+) -> TableWriter | CommitResult:
+    """Validate and stage every row of ``name``, committing nothing; the earlier commit if ``run_id`` made one."""
     if done := tables.already_committed(name, run_id):
         log.info("run %s already committed %s; skipping", run_id, name)
         return done
@@ -44,7 +46,33 @@ def _write(
     except BaseException:
         w.abort()
         raise
-    return w.commit(mode="overwrite", info=info)
+    return w
+
+
+def _write_all(
+    staging: dict[str, Callable[[], TableWriter | CommitResult]], info: dict
+) -> dict[str, CommitResult]:
+    """Stage and check every table, then commit them in order.
+
+    Bad rows anywhere (a later table's included) therefore commit nothing. What is left between
+    two commits is a kill of the process, which a re-run of the run id finishes.
+    """
+    staged: dict[str, TableWriter | CommitResult] = {}
+    try:
+        for name, stage_rows in staging.items():
+            staged[name] = stage_rows()
+        for w in staged.values():
+            if isinstance(w, TableWriter):
+                w.check(mode="overwrite")
+    except BaseException:
+        for w in staged.values():
+            if isinstance(w, TableWriter):
+                w.abort()
+        raise
+    return {
+        name: w if isinstance(w, CommitResult) else w.commit(mode="overwrite", info=info)
+        for name, w in staged.items()
+    }
 
 
 def write_world(cfg: QarmConfig, run_id: str, emit_embeddings: bool = False) -> dict[str, CommitResult]:
@@ -64,30 +92,28 @@ def write_world(cfg: QarmConfig, run_id: str, emit_embeddings: bool = False) -> 
                 f"{snap.dim}, or write this world under a new --root",
             )
     info = {"source": f"world:{cfg.world.size}", "seed": world.seed}
-    out = {
-        "items": _write(tables, "items", world.items(), run_id, cfg, world.n_items, info=info),
-        "interactions": _write(
+    staging = {
+        "items": lambda: _stage(tables, "items", world.items(), run_id, cfg, world.n_items),
+        "interactions": lambda: _stage(
             tables,
             "interactions",
             world.interactions(),
             run_id,
             cfg,
             world.n_users * world.impressions_per_user,
-            info=info,
         ),
     }
     if emit_embeddings:
-        out["item_content_emb"] = _write(
+        staging["item_content_emb"] = lambda: _stage(
             tables,
             "item_content_emb",
             world.content_embeddings(),
             run_id,
             cfg,
             world.n_items,
-            dim=world.content_dim,
-            info=info,
+            world.content_dim,
         )
-    return out
+    return _write_all(staging, info)
 
 
 def write_movielens(cfg: QarmConfig, path: str, run_id: str) -> dict[str, CommitResult]:
@@ -96,9 +122,10 @@ def write_movielens(cfg: QarmConfig, path: str, run_id: str) -> dict[str, Commit
     tables = Tables.from_config(cfg)
     cutoff = movielens.ratings_eval_start(path, cfg.split.eval_fraction)
     info = {"source": f"movielens:{path}", "tags_before_ts": cutoff}
-    return {
-        "items": _write(tables, "items", movielens.items(path, cutoff), run_id, cfg, None, info=info),
-        "interactions": _write(
-            tables, "interactions", movielens.interactions(path), run_id, cfg, None, info=info
+    staging = {
+        "items": lambda: _stage(tables, "items", movielens.items(path, cutoff), run_id, cfg, None),
+        "interactions": lambda: _stage(
+            tables, "interactions", movielens.interactions(path), run_id, cfg, None
         ),
     }
+    return _write_all(staging, info)

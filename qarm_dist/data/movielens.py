@@ -58,8 +58,16 @@ def check_folder(path: str | Path) -> Path:
 
 def _blocks(path: Path, types: dict[str, pa.DataType]) -> Iterator[pa.RecordBatch]:
     opts = pacsv.ConvertOptions(column_types=types, include_columns=list(types))
-    reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=_BLOCK), convert_options=opts)
-    yield from reader
+    try:
+        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=_BLOCK), convert_options=opts)
+        yield from reader
+    except (
+        pa.ArrowInvalid
+    ) as err:  # a value of the wrong type: say which file, not only pyarrow's column number
+        columns = ", ".join(f"{c} ({t})" for c, t in types.items())
+        raise MovieLensError(
+            f"{path}: {err} (columns read: {columns}); fix the file and ingest again"
+        ) from None
 
 
 _RATING_TYPES = {"userId": pa.int64(), "movieId": pa.int64(), "rating": pa.float32(), "timestamp": pa.int64()}

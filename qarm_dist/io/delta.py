@@ -66,11 +66,15 @@ class TableError(ValueError):
 
     def __init__(self, table: str, column: str | None, bad_rows: int, total_rows: int, problem: str):
         self.table, self.column, self.bad_rows, self.total_rows = table, column, bad_rows, total_rows
+        self.problem = problem
         where = f"table '{table}'" + (f", column '{column}'" if column else "")
         super().__init__(
             f"{where}: {bad_rows} of {total_rows} rows {problem}; nothing was committed "
             f"(the table stays at its previous version)"
         )
+
+    def __reduce__(self):  # raised in a Spark task or a Ray worker, it must cross back to the driver intact
+        return TableError, (self.table, self.column, self.bad_rows, self.total_rows, self.problem)
 
 
 # ---------------------------------------------------------------- validation
@@ -541,32 +545,18 @@ class Tables:
         one and the commit retried: a key check never passes against a stale table, and when the
         winner was a twin with the same run id, this commit becomes a skip.
         """
-        if mode not in ("append", "overwrite"):
-            raise ValueError(f"mode must be 'append' or 'overwrite', not {mode!r}")
         files = [s if isinstance(s, StagedFile) else StagedFile(**s) for s in staged]
-        table_spec = spec(name)
         target = None
         fault = faults.from_env()
         try:
-            if mode == "overwrite" and table_spec.append_only and self.exists(name):
-                rows = sum(f.rows for f in files)
-                raise TableError(
-                    name,
-                    None,
-                    rows,
-                    rows,
-                    "would replace the table's rows, which are immutable (an append-only table): append "
-                    "new versions instead",
-                )
+            self._check_mode(name, files, mode)
             for attempt in range(_COMMIT_ATTEMPTS):
                 done = self.already_committed(name, run_id)  # after a lost race: the winner may be a twin
                 if done is not None:
                     self._discard(name, files)
                     return done
                 if target is None:  # the staged files themselves: checked once
-                    if table_spec.emb_columns and dim is None:
-                        raise ValueError(f"table {name}: commit needs the embedding dimension")
-                    target = table_spec.schema(dim) if table_spec.emb_columns else table_spec.schema()
+                    target = self._target(name, dim)
                     self._check_files(name, files, target)
                 faults.maybe_fail(fault, "commit.before", table=name)  # staged and checked, not committed
                 version = self._try_commit(name, files, run_id, mode, dim, target, info)
@@ -600,23 +590,7 @@ class Tables:
         """Check against the latest version and commit on the next one: its number, or None if taken."""
         table_spec = spec(name)
         dt = self._open(name)
-        if table_spec.emb_columns and dt is not None:
-            stored_dim = self._check_schema(name, dt)
-            if stored_dim != dim:
-                rows = sum(f.rows for f in files)
-                raise TableError(
-                    name,
-                    table_spec.emb_columns[0],
-                    rows,
-                    rows,
-                    f"have dimension {dim}, the table's is {stored_dim} (write a new table root or overwrite)",
-                )
-        if table_spec.key:
-            existing = dt.file_uris() if (dt is not None and mode == "append") else []
-            base = self.uri(name)
-            uris = existing + [f"{base}/{f.path}" for f in files]
-            total = sum(f.rows for f in files) + (dt.count() if existing else 0)
-            self._check_unique(name, table_spec.key, uris, total)
+        self._check_against(name, files, mode, dim, dt)
         try:
             if dt is None:  # a racing creator makes this fail, rather than commit a second version 0
                 dt = DeltaTable.create(
@@ -640,6 +614,68 @@ class Tables:
         except CommitFailedError:
             return None
         return dt.version() + 1
+
+    def check_staged(
+        self,
+        name: str,
+        staged: Iterable[StagedFile | dict[str, Any]],
+        mode: str = "append",
+        dim: int | None = None,
+    ) -> None:
+        """Every check `commit` makes, committing nothing.
+
+        A job that writes several tables checks them all before it commits the first, so bad rows
+        in a later table leave the earlier ones unchanged too.
+        """
+        files = [s if isinstance(s, StagedFile) else StagedFile(**s) for s in staged]
+        self._check_mode(name, files, mode)
+        self._check_files(name, files, self._target(name, dim))
+        self._check_against(name, files, mode, dim, self._open(name))
+
+    @staticmethod
+    def _target(name: str, dim: int | None) -> pa.Schema:
+        table_spec = spec(name)
+        if table_spec.emb_columns and dim is None:
+            raise ValueError(f"table {name}: commit needs the embedding dimension")
+        return table_spec.schema(dim) if table_spec.emb_columns else table_spec.schema()
+
+    def _check_mode(self, name: str, files: list[StagedFile], mode: str) -> None:
+        """A known mode, and never a replacement of an append-only table's rows."""
+        if mode not in ("append", "overwrite"):
+            raise ValueError(f"mode must be 'append' or 'overwrite', not {mode!r}")
+        if mode == "overwrite" and spec(name).append_only and self.exists(name):
+            rows = sum(f.rows for f in files)
+            raise TableError(
+                name,
+                None,
+                rows,
+                rows,
+                "would replace the table's rows, which are immutable (an append-only table): append "
+                "new versions instead",
+            )
+
+    def _check_against(
+        self, name: str, files: list[StagedFile], mode: str, dim: int | None, dt: DeltaTable | None
+    ) -> None:
+        """The checks that depend on the table's current version: the embedding dimension, unique keys."""
+        table_spec = spec(name)
+        if table_spec.emb_columns and dt is not None:
+            stored_dim = self._check_schema(name, dt)
+            if stored_dim != dim:
+                rows = sum(f.rows for f in files)
+                raise TableError(
+                    name,
+                    table_spec.emb_columns[0],
+                    rows,
+                    rows,
+                    f"have dimension {dim}, the table's is {stored_dim} (write a new table root or overwrite)",
+                )
+        if table_spec.key:
+            existing = dt.file_uris() if (dt is not None and mode == "append") else []
+            base = self.uri(name)
+            uris = existing + [f"{base}/{f.path}" for f in files]
+            total = sum(f.rows for f in files) + (dt.count() if existing else 0)
+            self._check_unique(name, table_spec.key, uris, total)
 
     @staticmethod
     def _delta_schema(target: pa.Schema, table_spec: TableSpec) -> pa.Schema:
@@ -722,6 +758,15 @@ class TableWriter:
             except BaseException:
                 self.abort()
                 raise
+
+    def check(self, mode: str = "append") -> None:
+        """Stage what is buffered and run every check of `commit`, committing nothing (see `check_staged`)."""
+        try:
+            self._flush()
+            self.tables.check_staged(self.name, self.staged, mode, self.dim)
+        except BaseException:
+            self.abort()
+            raise
 
     def _flush(self) -> None:
         if not self._buf_rows:

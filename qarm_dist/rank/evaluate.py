@@ -27,7 +27,7 @@ from qarm_dist.engines import ray_init
 from qarm_dist.io.delta import TableError, Tables
 from qarm_dist.io.raydata import map_blocks
 from qarm_dist.io.schemas import TASKS
-from qarm_dist.rank.features import ItemFeatures, featurize, load_item_features
+from qarm_dist.rank.features import ItemFeatures, check_feature_tables, featurize, load_item_features
 from qarm_dist.rank.metrics import task_metrics
 from qarm_dist.rank.model import Ranker, load_ranker
 
@@ -144,6 +144,7 @@ def evaluate(cfg: QarmConfig, version: str | None = None) -> dict[str, Any]:
     tables = Tables.from_config(cfg)
     info = models.find(tables, KIND, version)
     counts = check_samples(tables)
+    check_feature_tables(tables, info.meta["code_versions"], info.meta["emb_dim"])
     ray_init(cfg)
     ds = tables.ray("samples").filter(expr="split == 'eval'")
     scored = map_blocks(

@@ -130,6 +130,18 @@ def _align(src_ids: np.ndarray, values: np.ndarray, ids: np.ndarray, fill: float
     return np.where(ok, values[r], fill)
 
 
+def check_feature_tables(tables: Tables, versions: dict[str, int], emb_dim: int | None) -> None:
+    """Snapshot, and so validate on read, the tables `load_item_features` will read.
+
+    The trainer and the scorer call this in the driver: bad rows then fail the job with one clear
+    error before any worker starts, instead of failing every worker (and every restart) one by one.
+    """
+    if versions:
+        tables.snapshot("item_codes")
+    if emb_dim:
+        tables.snapshot("item_aligned_emb")
+
+
 def load_item_features(
     tables: Tables, versions: dict[str, int], emb_dim: int | None, seed: int
 ) -> ItemFeatures:

@@ -39,7 +39,7 @@ from qarm_dist.io.delta import Tables
 from qarm_dist.io.schemas import TASKS
 from qarm_dist.rank.embeddings import sparse_optimizer, sync_sparse_grads
 from qarm_dist.rank.evaluate import check_samples, metrics, predict
-from qarm_dist.rank.features import code_versions, featurize, load_item_features
+from qarm_dist.rank.features import check_feature_tables, code_versions, featurize, load_item_features
 from qarm_dist.rank.model import Ranker, RankerSpec, loss_fn, save_ranker, variant
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,7 @@ def fit(cfg: QarmConfig, version: str, names: list[str], seeds: list[int]) -> mo
     ray_init(cfg)
     counts = check_samples(tables)
     jobs, skipped, load = plan(cfg, tables, names, seeds)
+    check_feature_tables(tables, load["code_versions"], load["emb_dim"])
     for name, why in skipped.items():
         log.warning("rank: variant %s skipped: %s", name, why)
     if not jobs:
