@@ -3,9 +3,11 @@
 Both train the same residual tower with the same global batch, temperature, logQ
 correction and loss (`qarm_dist.align.loss.info_nce`) on the same train pairs and
 the same cores. The plain loop holds the joined pairs in memory as numpy and runs
-one process with all cores' torch threads. Ray Train is measured with 1 and 2
-workers; its steady-state pairs/s come from the per-epoch times the workers report
-(epochs after the first), and its wall time (joins, worker start) is reported apart.
+one process with all cores' torch threads. Ray Train runs three layouts: one worker
+holding all cores (the plain loop's layout), one worker on one core, and one worker
+per core. Its steady-state pairs/s come from the per-epoch times the workers report
+(epochs after the first), with the share of that time spent waiting for Ray Data;
+its wall time (joins, worker start) is reported apart.
 Prints a JSON line last.
 
     python bench/align.py --world small          # builds world + pairs in a temp root
@@ -25,10 +27,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from qarm_dist.align import train
 from qarm_dist.align.data import load_pairs, log_frequency
 from qarm_dist.align.loss import Batch, info_nce
 from qarm_dist.align.model import ResidualTower
+from qarm_dist.align.train import train
 from qarm_dist.config import load_config
 from qarm_dist.data.ingest import write_world
 from qarm_dist.engines import ray_init, set_process_env
@@ -74,14 +76,24 @@ def plain_loop(tables: Tables, cfg, epochs: int, threads: int) -> float:
     return steps * bs / statistics.median(times[1:] if len(times) > 1 else times)
 
 
-def ray_train(cfg, data, workers: int, tag: str) -> dict:
-    c = cfg.model_copy(update={"align": cfg.align.model_copy(update={"workers": workers})})
+def ray_train(cfg, data, workers: int, cpus: int, tag: str) -> dict:
+    """Steady-state pairs/s of `qarm align train` with ``workers`` x ``cpus`` (= torch threads each)."""
+    c = cfg.model_copy(
+        update={"align": cfg.align.model_copy(update={"workers": workers, "cpus_per_worker": cpus})}
+    )
     t0 = time.perf_counter()
-    info = train.train(c, f"bench-{tag}-w{workers}", data=data)
+    info = train(c, f"bench-{tag}-w{workers}x{cpus}", data=data)
     wall = time.perf_counter() - t0
     hist = info.meta["history"]
     steady = [h["pairs"] / h["seconds"] for h in hist[1:]] or [hist[0]["pairs"] / hist[0]["seconds"]]
-    return {"workers": workers, "pairs_per_s": statistics.median(steady), "fit_wall_s": wall}
+    waits = [h["seconds_waiting_for_data"] / h["seconds"] for h in hist[1:] or hist]
+    return {
+        "workers": workers,
+        "cpus_per_worker": cpus,
+        "pairs_per_s": statistics.median(steady),
+        "share_waiting_for_data": statistics.median(waits),
+        "fit_wall_s": wall,
+    }
 
 
 def main() -> None:
@@ -108,7 +120,9 @@ def main() -> None:
     data = load_pairs(tables, "emb", cfg.align.logq, cfg.align.join_partitions)
     load_s = time.perf_counter() - t0
     tag = str(int(time.time()))
-    runs = [ray_train(cfg, data, w, tag) for w in (1, 2)]
+    # all cores in one worker (the plain loop's layout), then one core, then one worker per core
+    layouts = [(1, args.threads), (1, 1), (args.threads, 1)]
+    runs = [ray_train(cfg, data, w, c, tag) for w, c in layouts]
     out = {
         "bench": "align",
         "train_pairs": data.rows,
@@ -118,7 +132,9 @@ def main() -> None:
         "plain_pairs_per_s": plain,
         "ray_data_join_s": load_s,
         "ray": runs,
-        "ratio_ray_vs_plain": {r["workers"]: r["pairs_per_s"] / plain for r in runs},
+        "ratio_ray_vs_plain": {
+            f"{r['workers']}x{r['cpus_per_worker']}": r["pairs_per_s"] / plain for r in runs
+        },
     }
     print(json.dumps(out))
 

@@ -16,13 +16,11 @@ The fault points are documented in `qarm_dist.faults`; docs/reliability.md lists
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 from conftest import PIPELINE, read_all
-from reliability import QARM, run_qarm, state
+from reliability import QARM, race_two_writers, run_qarm, state
 
 from qarm_dist import faults
 from qarm_dist.align import run_embed as align_embed
@@ -230,61 +228,11 @@ def test_a_ray_data_actor_failure_is_retried_and_equals_the_clean_run(pipeline_r
 # ------------------------------------------------------------------ two writers
 
 
-# Each writer stages its rows, waits for a shared start time, then commits: the commits of a round
-# start within a millisecond of each other (the object-store twin is in tests/test_object_store.py).
-WRITER = """
-import json, sys, time
-import pyarrow as pa
-from qarm_dist.io.delta import TableError, Tables, stage
-from qarm_dist.io.schemas import spec
-t, out = Tables(sys.argv[1]), []
-for r in json.loads(sys.argv[2]):
-    ids = pa.array(range(r["first"], r["first"] + r["rows"]), pa.int64())
-    rows = pa.table({"item_id": ids, "text": ["x"] * len(ids), "category": ["c"] * len(ids), "created_ts": ids})
-    staged = stage(t.uri("items"), spec("items"), rows, r["run_id"])
-    while time.time() < r["at"]:
-        time.sleep(0.0005)
-    try:
-        c = t.commit("items", [staged], r["run_id"])
-        out.append({"version": c.version, "skipped": c.skipped})
-    except TableError as e:
-        out.append({"error": str(e)})
-print(json.dumps(out))
-"""
-
-
 def test_two_writers_on_one_local_table_commit_or_fail_cleanly(tmp_path):
+    """Both commit or one fails cleanly, no lost rows (the object-store twin is in tests/test_object_store.py)."""
     t = Tables(str(tmp_path / "race"))
-    at = time.time() + 8  # both processes have imported and staged by then
-    rounds = {
-        "a": [{"run_id": "a-0", "first": 0, "rows": 100, "at": at}],  # a fresh table, disjoint keys
-        "b": [{"run_id": "b-0", "first": 100, "rows": 100, "at": at}],
-    }
-    for w in ("a", "b"):
-        rounds[w].append({"run_id": "twin", "first": 200, "rows": 50, "at": at + 2})  # the same run id
-        rounds[w].append({"run_id": f"{w}-2", "first": 300, "rows": 50, "at": at + 4})  # the same keys
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WRITER, t.root, json.dumps(rounds[w])], stdout=subprocess.PIPE, text=True
-        )
-        for w in ("a", "b")
-    ]
-    try:
-        a, b = (json.loads(p.communicate(timeout=120)[0]) for p in procs)
-    finally:
-        for p in procs:
-            if p.poll() is None:  # only after a timeout
-                p.kill()
-                p.wait()
-    assert "error" not in a[0] and "error" not in b[0] and {a[0]["version"], b[0]["version"]} == {1, 2}
-    assert (
-        sorted([a[1]["skipped"], b[1]["skipped"]]) == [False, True]
-        and a[1]["version"] == b[1]["version"] == 3
-    )
-    won, lost = sorted([a[2], b[2]], key=lambda o: "error" in o)
-    assert won["version"] == 4 and "share their key" in lost["error"]
+    race_two_writers(t, lead_s=8)
     assert sorted(read_all(t, "items")["item_id"].to_pylist()) == [*range(250), *range(300, 350)]
-    assert t.version("items") == 4
 
 
 # ------------------------------------------------------------------ training

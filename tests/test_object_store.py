@@ -6,7 +6,6 @@ Tables live under ``s3://qarm/<test>/``; each test uses its own prefix.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -22,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from conftest import read_all
+from reliability import race_two_writers
 
 from qarm_dist import models
 from qarm_dist.io import objectstore
@@ -342,68 +342,10 @@ def test_ray_train_checkpoints_and_the_model_registry_on_s3(s3, ray_local, tmp_p
 
 # ------------------------------------------------------------------ concurrency
 
-# Each writer process stages its rows, waits for a shared start time, then commits: the two
-# commits of a round start within a millisecond of each other.
-WRITER = """
-import json, sys, time
-import pyarrow as pa
-from qarm_dist.io.delta import TableError, Tables, stage
-from qarm_dist.io.schemas import spec
-root, options, rounds = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-t, out = Tables(root, options), []
-for r in rounds:
-    ids = pa.array(range(r["first"], r["first"] + r["rows"]), pa.int64())
-    rows = pa.table({"item_id": ids, "text": ["x"] * len(ids), "category": ["c"] * len(ids), "created_ts": ids})
-    staged = stage(t.uri("items"), spec("items"), rows, r["run_id"], None, options)
-    while time.time() < r["at"]:
-        time.sleep(0.0005)
-    try:
-        c = t.commit("items", [staged], r["run_id"])
-        out.append({"version": c.version, "skipped": c.skipped})
-    except TableError as e:
-        out.append({"error": str(e)})
-print(json.dumps(out))
-"""
-
 
 def test_concurrent_writers_on_s3_commit_once_each_or_fail_cleanly(s3):
     t = s3.tables("race")
-    at = time.time() + 6  # both processes have imported and staged by then
-    rounds = {
-        # a fresh table: both create it and append disjoint keys
-        "a": [{"run_id": "a-0", "first": 0, "rows": 100, "at": at}],
-        "b": [{"run_id": "b-0", "first": 100, "rows": 100, "at": at}],
-    }
-    # the same run id in both: exactly one version
-    rounds["a"].append({"run_id": "twin", "first": 200, "rows": 50, "at": at + 2})
-    rounds["b"].append({"run_id": "twin", "first": 200, "rows": 50, "at": at + 2})
-    # different run ids, the same keys: the key check must see the winner's rows
-    rounds["a"].append({"run_id": "a-2", "first": 300, "rows": 50, "at": at + 4})
-    rounds["b"].append({"run_id": "b-2", "first": 300, "rows": 50, "at": at + 4})
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WRITER, t.root, json.dumps(s3.options), json.dumps(rounds[w])],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        for w in ("a", "b")
-    ]
-    try:
-        a, b = (json.loads(p.communicate(timeout=120)[0]) for p in procs)
-    finally:
-        for p in procs:
-            if p.poll() is None:  # only after a timeout
-                p.kill()
-                p.wait()
-    assert all(p.returncode == 0 for p in procs)
-    # round 0: both committed, on different versions (one of them also created the table)
-    assert "error" not in a[0] and "error" not in b[0] and {a[0]["version"], b[0]["version"]} == {1, 2}
-    # round 1: one commit, one skip, one version
-    assert sorted([a[1]["skipped"], b[1]["skipped"]]) == [False, True]
-    assert a[1]["version"] == b[1]["version"] == 3
-    # round 2: one commit, and the other refused for duplicate keys
-    outcomes = sorted([a[2], b[2]], key=lambda o: "error" in o)
-    assert outcomes[0]["version"] == 4 and "share their key" in outcomes[1]["error"]
+    race_two_writers(t, lead_s=6)
     ids = read_all(t, "items")["item_id"].to_pylist()
     assert sorted(ids) == [*range(250), *range(300, 350)] and t.version("items") == 4
     # every parquet file in the table folder is referenced: losers deleted what they staged

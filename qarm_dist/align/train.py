@@ -80,8 +80,9 @@ def train_loop(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     per_worker = config["batch_size"] // size
     for epoch in range(start, config["epochs"]):
-        t0, steps, loss_sum, acc_sum = time.time(), 0, 0.0, 0.0
+        t0, steps, loss_sum, acc_sum, t_wait = time.time(), 0, 0.0, 0.0, 0.0
         model.train()
+        t_ready = time.time()
         for batch in shard.iter_batches(
             batch_size=per_worker,
             batch_format="pyarrow",
@@ -89,6 +90,7 @@ def train_loop(config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=config["shuffle_buffer"] or None,
             local_shuffle_seed=config["seed"] * 1000 + epoch,
         ):
+            t_wait += time.time() - t_ready  # time the worker waited on Ray Data for this batch
             faults.maybe_fail(config["fault"], "align.step", epoch=epoch, step=steps, rank=rank)
             x = tower.inputs(batch.column(f"trigger_{col}"), batch.column(f"target_{col}"))
             emb = model(x.to(device) if isinstance(x, torch.Tensor) else x)
@@ -104,6 +106,7 @@ def train_loop(config: dict[str, Any]) -> None:
             to_backward.backward()
             opt.step()
             steps, loss_sum, acc_sum = steps + 1, loss_sum + float(loss), acc_sum + float(acc)
+            t_ready = time.time()
         metrics = {
             "epoch": epoch,
             "loss": loss_sum / max(steps, 1),
@@ -111,6 +114,7 @@ def train_loop(config: dict[str, Any]) -> None:
             "steps": steps,
             "pairs": steps * config["batch_size"],
             "seconds": time.time() - t0,
+            "seconds_waiting_for_data": t_wait,
             "resumed_from": start - 1 if start else None,
         }
         history.append(metrics)
