@@ -77,6 +77,12 @@ class TableError(ValueError):
         return TableError, (self.table, self.column, self.bad_rows, self.total_rows, self.problem)
 
 
+def _refused(table: str, column: str | None, files: list[StagedFile], problem: str) -> TableError:
+    """A commit refused as a whole: every staged row counts as bad."""
+    rows = sum(f.rows for f in files)
+    return TableError(table, column, rows, rows, problem)
+
+
 # ---------------------------------------------------------------- validation
 
 
@@ -565,13 +571,8 @@ class Tables:
                     snap = self.snapshot(name, version)
                     return CommitResult(name, version, snap.rows, len(files), skipped=False)
                 time.sleep(random.uniform(0.05, 0.2) * (attempt + 1))  # another writer won: back off
-            rows = sum(f.rows for f in files)
-            raise TableError(
-                name,
-                None,
-                rows,
-                rows,
-                f"lost the next version to other writers {_COMMIT_ATTEMPTS} times in a row",
+            raise _refused(
+                name, None, files, f"lost the next version to other writers {_COMMIT_ATTEMPTS} times in a row"
             )
         except BaseException:
             self._discard(name, files)
@@ -644,12 +645,10 @@ class Tables:
         if mode not in ("append", "overwrite"):
             raise ValueError(f"mode must be 'append' or 'overwrite', not {mode!r}")
         if mode == "overwrite" and spec(name).append_only and self.exists(name):
-            rows = sum(f.rows for f in files)
-            raise TableError(
+            raise _refused(
                 name,
                 None,
-                rows,
-                rows,
+                files,
                 "would replace the table's rows, which are immutable (an append-only table): append "
                 "new versions instead",
             )
@@ -662,12 +661,10 @@ class Tables:
         if table_spec.emb_columns and dt is not None:
             stored_dim = self._check_schema(name, dt)
             if stored_dim != dim:
-                rows = sum(f.rows for f in files)
-                raise TableError(
+                raise _refused(
                     name,
                     table_spec.emb_columns[0],
-                    rows,
-                    rows,
+                    files,
                     f"have dimension {dim}, the table's is {stored_dim} (write a new table root or overwrite)",
                 )
         if table_spec.key:
