@@ -5,17 +5,57 @@ the `TorchTrainer` (workers, CPUs, GPUs, backend, failure policy, checkpoints ke
 with its storage under ``<root>/_models/<kind>/<version>`` (local or object store),
 fits, and returns the final checkpoint's URI with the JSON summary the loop wrote
 into it. Publishing stays with the stage, which knows what its model.json says.
+
+Training input is read in order (`in_order`, and the ingest options of `run`): Ray
+Data's output splitter then hands every worker the same blocks in the same
+sequence on every run, so a run repeats with its seed, and a run restarted from a
+checkpoint trains on exactly the batches the uninterrupted run saw.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from qarm_dist import models
 from qarm_dist.io.delta import Tables
+
+
+def in_order(ds):
+    """``ds``, executed in its input order, also when materialised (the order is part of the dataset's context)."""
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+class Progress:
+    """Rank 0 prints a line every ``every_s`` seconds of an epoch, so an hour-long epoch shows it moves.
+
+    ``rows_per_epoch`` (all workers together), when known, turns the line into a share of the epoch.
+    """
+
+    def __init__(self, label: str, rank: int, rows_per_epoch: int | None = None, every_s: float = 60.0):
+        self.label, self.on, self.total, self.every_s = label, rank == 0, rows_per_epoch, every_s
+        self.start(0)
+
+    def start(self, epoch: int) -> None:
+        self.epoch, self.t0 = epoch, time.time()
+        self.due = self.t0 + self.every_s
+
+    def step(self, steps: int, rows: int, loss_sum: float) -> None:
+        """After ``steps`` steps of this epoch that took ``rows`` rows over all workers."""
+        now = time.time()
+        if not self.on or now < self.due:
+            return
+        self.due = now + self.every_s
+        share = f" of {self.total:,} ({100 * rows / self.total:.0f} %)" if self.total else ""
+        print(
+            f"[{self.label}] epoch {self.epoch}: step {steps:,}, {rows:,} rows{share}, "
+            f"{rows / (now - self.t0):,.0f} rows/s, mean loss {loss_sum / steps:.4f}",
+            flush=True,
+        )
 
 
 @dataclass(frozen=True)
@@ -47,6 +87,8 @@ def run(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     storage, storage_fs = models.train_storage(tables, kind)
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # a fixed split: see the module's docstring
     gpu = {"GPU": 1} if scaling.use_gpu else {}
     trainer = TorchTrainer(
         loop,
@@ -58,7 +100,9 @@ def run(
             resources_per_worker={"CPU": scaling.cpus_per_worker, **gpu},
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=split if split is not None else "all"),
+        dataset_config=DataConfig(
+            datasets_to_split=split if split is not None else "all", execution_options=ingest
+        ),
         run_config=RunConfig(
             name=version,
             storage_path=storage,

@@ -79,7 +79,9 @@ def train_loop(config: dict[str, Any]) -> None:
     device = next(model.parameters()).device
     shard = ray.train.get_dataset_shard("train")
     per_worker = config["batch_size"] // size
+    progress = training.Progress("align", rank, config["train_rows"])
     for epoch in range(start, config["epochs"]):
+        progress.start(epoch)
         t0, steps, loss_sum, acc_sum, t_wait = time.time(), 0, 0.0, 0.0, 0.0
         model.train()
         t_ready = time.time()
@@ -106,6 +108,7 @@ def train_loop(config: dict[str, Any]) -> None:
             to_backward.backward()
             opt.step()
             steps, loss_sum, acc_sum = steps + 1, loss_sum + float(loss), acc_sum + float(acc)
+            progress.step(steps, steps * config["batch_size"], loss_sum)
             t_ready = time.time()
         metrics = {
             "epoch": epoch,
@@ -165,6 +168,7 @@ def train(
         "temperature": ac.temperature,
         "logq": ac.logq,
         "endpoints": data.endpoints,
+        "train_rows": data.rows,
         "seed": seed,
         "threads": max(1, int(ac.cpus_per_worker)),
         "shuffle_buffer": ac.shuffle_buffer,

@@ -132,6 +132,7 @@ def train_loop(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     eval_data = ray.train.get_dataset_shard("eval")
     per_worker = config["batch_size"] // size
+    progress = training.Progress("rank", rank, config["train_rows"])
     for j in range(state["job"] if state else 0, len(config["jobs"])):
         job = config["jobs"][j]
         spec = RankerSpec.from_json(job["spec"])
@@ -151,6 +152,7 @@ def train_loop(config: dict[str, Any]) -> None:
         fspec = spec.feature_spec()
         for epoch in range(start, config["epochs"]):
             model.train()
+            progress.start(epoch)
             t0, steps, loss_sum, missing, t_wait = time.time(), 0, 0.0, 0, 0.0
             t_ready = time.time()
             for batch in train_shard.iter_batches(
@@ -175,6 +177,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     loss_sum + float(loss.detach()),
                     missing + f["missing_codes"],
                 )
+                progress.step(steps, steps * config["batch_size"], loss_sum)
                 t_ready = time.time()
             totals = torch.tensor([loss_sum, steps, missing], dtype=torch.float64)
             if size > 1:
@@ -261,7 +264,7 @@ def fit(cfg: QarmConfig, version: str, names: list[str], seeds: list[int]) -> mo
     snap = tables.snapshot("samples")
     samples = tables.ray("samples", snap.version)
     datasets = {
-        "train": samples.filter(expr="split == 'train'"),
+        "train": training.in_order(samples.filter(expr="split == 'train'")),
         "eval": samples.filter(expr="split == 'eval'"),
     }
     import ray
@@ -282,6 +285,7 @@ def fit(cfg: QarmConfig, version: str, names: list[str], seeds: list[int]) -> mo
         "sparse_optimizer": rc.sparse_optimizer,
         "threads": max(1, int(rc.cpus_per_worker)),
         "shuffle_buffer": rc.shuffle_buffer,
+        "train_rows": counts["train"],
         "popularity_buckets": rc.popularity_buckets,
         "fault": faults.from_env(),
     }
