@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,7 +77,11 @@ def run_qarm(
 def error_line(stderr: str) -> str:
     """The CLI's one error line; fails on a traceback or on more than one error line."""
     assert "Traceback" not in stderr, stderr[-3000:]
-    lines = [line for line in stderr.splitlines() if line.startswith("qarm: error:")]
+    # what a terminal shows: a progress bar's carriage returns and cursor moves can share the error's line
+    shown = [
+        re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line).split("\r")[-1].lstrip() for line in stderr.splitlines()
+    ]
+    lines = [line for line in shown if line.startswith("qarm: error:")]
     assert len(lines) == 1, stderr[-3000:]
     return lines[0]
 
