@@ -33,23 +33,30 @@ def in_order(ds):
 class Progress:
     """Rank 0 prints a line every ``every_s`` seconds of an epoch, so an hour-long epoch shows it moves.
 
-    ``rows_per_epoch`` (all workers together), when known, turns the line into a share of the epoch.
+    ``batch_size`` is the global batch (rows per step over all workers); ``rows_per_epoch``, when
+    known, turns the line into a share of the epoch.
     """
 
-    def __init__(self, label: str, rank: int, rows_per_epoch: int | None = None, every_s: float = 60.0):
-        self.label, self.on, self.total, self.every_s = label, rank == 0, rows_per_epoch, every_s
+    def __init__(
+        self, label: str, rank: int, batch_size: int, rows_per_epoch: int | None = None, every_s: float = 60.0
+    ):
+        self.label, self.on, self.batch_size = label, rank == 0, batch_size
+        self.total, self.every_s = rows_per_epoch, every_s
         self.start(0)
 
     def start(self, epoch: int) -> None:
         self.epoch, self.t0 = epoch, time.time()
         self.due = self.t0 + self.every_s
 
-    def step(self, steps: int, rows: int, loss_sum: float) -> None:
-        """After ``steps`` steps of this epoch that took ``rows`` rows over all workers."""
+    def step(self, steps: int, loss_sum: float) -> None:
+        """After ``steps`` steps of this epoch whose losses sum to ``loss_sum``."""
+        if not self.on:
+            return
         now = time.time()
-        if not self.on or now < self.due:
+        if now < self.due:
             return
         self.due = now + self.every_s
+        rows = steps * self.batch_size
         share = f" of {self.total:,} ({100 * rows / self.total:.0f} %)" if self.total else ""
         print(
             f"[{self.label}] epoch {self.epoch}: step {steps:,}, {rows:,} rows{share}, "

@@ -79,7 +79,7 @@ def train_loop(config: dict[str, Any]) -> None:
     device = next(model.parameters()).device
     shard = ray.train.get_dataset_shard("train")
     per_worker = config["batch_size"] // size
-    progress = training.Progress("align", rank, config["train_rows"])
+    progress = training.Progress("align", rank, config["batch_size"], config["train_rows"])
     for epoch in range(start, config["epochs"]):
         progress.start(epoch)
         t0, steps, loss_sum, acc_sum, t_wait = time.time(), 0, 0.0, 0.0, 0.0
@@ -108,7 +108,7 @@ def train_loop(config: dict[str, Any]) -> None:
             to_backward.backward()
             opt.step()
             steps, loss_sum, acc_sum = steps + 1, loss_sum + float(loss), acc_sum + float(acc)
-            progress.step(steps, steps * config["batch_size"], loss_sum)
+            progress.step(steps, loss_sum)
             t_ready = time.time()
         metrics = {
             "epoch": epoch,

@@ -132,7 +132,7 @@ def train_loop(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     eval_data = ray.train.get_dataset_shard("eval")
     per_worker = config["batch_size"] // size
-    progress = training.Progress("rank", rank, config["train_rows"])
+    progress = training.Progress("rank", rank, config["batch_size"], config["train_rows"])
     for j in range(state["job"] if state else 0, len(config["jobs"])):
         job = config["jobs"][j]
         spec = RankerSpec.from_json(job["spec"])
@@ -177,7 +177,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     loss_sum + float(loss.detach()),
                     missing + f["missing_codes"],
                 )
-                progress.step(steps, steps * config["batch_size"], loss_sum)
+                progress.step(steps, loss_sum)
                 t_ready = time.time()
             totals = torch.tensor([loss_sum, steps, missing], dtype=torch.float64)
             if size > 1:
