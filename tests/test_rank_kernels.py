@@ -135,6 +135,23 @@ def test_a_10m_row_table_trains_with_a_sparse_gradient():
     assert (after[:3] != before[:3]).any(dim=1).all() and torch.equal(after[3], before[3])
 
 
+def test_a_lookup_reads_each_distinct_id_once_and_equals_a_plain_embedding_bag():
+    torch.manual_seed(0)
+    tables = EmbeddingTables([EmbeddingBagConfig("t", 50, 8, ("t",))])
+    plain = torch.nn.EmbeddingBag(50, 8, mode="mean", padding_idx=0)
+    plain.weight.data.copy_(tables.tables["t"].weight.data)
+    ids = torch.randint(0, 12, (40, 6))  # many repeats, some padding
+    ids[3] = 0  # a bag of padding only pools to zero
+    out, want = tables("t", ids), plain(ids)
+    assert torch.allclose(out, want, atol=1e-6) and torch.equal(out[3], torch.zeros(8))
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    (want * upstream).sum().backward()
+    g = tables.tables["t"].weight.grad
+    assert g.is_sparse and g._nnz() == len(torch.unique(ids[ids > 0]))  # a row per distinct id, not 240
+    assert torch.allclose(g.to_dense(), plain.weight.grad, atol=1e-6)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

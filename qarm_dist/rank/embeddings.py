@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 # The sparse gradients here are built by torch's own EmbeddingBag backward, so they are valid by
@@ -57,9 +58,21 @@ class EmbeddingTables(nn.Module):
             self.tables[c.name] = t
 
     def forward(self, feature: str, ids: torch.Tensor) -> torch.Tensor:
-        """(n,) ids → (n, dim); (n, k) ids → (n, dim) pooled over each row's k ids (padding excluded)."""
+        """(n,) ids → (n, dim); (n, k) ids → (n, dim) pooled over each row's k ids (padding excluded).
+
+        The table is read once per *distinct* id and the bags are pooled from those rows, so the
+        sparse gradient has one row per distinct id, not one per position. Bags repeat ids heavily
+        (a batch's VQ codes on the large world: 347k positions, 19k distinct rows), and that
+        gradient's size is what the coalesce, the optimizer and the workers' all-reduce pay for.
+        """
         table = self.tables[self.by_feature[feature]]
-        return table(ids.reshape(len(ids), -1))
+        bags = ids.reshape(len(ids), -1)
+        if bags.numel() == 0:
+            return table(bags)
+        distinct, position = torch.unique(bags, return_inverse=True)
+        rows = table(distinct[:, None])  # padding (id 0, first when present) reads as a zero row
+        pad = 0 if int(distinct[0]) == 0 else None
+        return F.embedding_bag(position, rows, mode=table.mode, padding_idx=pad)
 
 
 def sync_sparse_grads(tables: EmbeddingTables) -> None:
