@@ -6,15 +6,17 @@ with its storage under ``<root>/_models/<kind>/<version>`` (local or object stor
 fits, and returns the final checkpoint's URI with the JSON summary the loop wrote
 into it. Publishing stays with the stage, which knows what its model.json says.
 
-Training input is read in order (`in_order`, and the ingest options of `run`): Ray
-Data's output splitter then hands every worker the same blocks in the same
-sequence on every run, so a run repeats with its seed, and a run restarted from a
-checkpoint trains on exactly the batches the uninterrupted run saw.
+Training input is read in order (the ingest options of `run`, and the dataset's
+own context when `run` materialises it): Ray Data's output splitter then hands
+every worker the same blocks in the same sequence on every run, so a run repeats
+with its seed, and a run restarted from a checkpoint trains on exactly the
+batches the uninterrupted run saw.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -23,11 +25,7 @@ from typing import Any
 from qarm_dist import models
 from qarm_dist.io.delta import Tables
 
-
-def in_order(ds):
-    """``ds``, executed in its input order, also when materialised (the order is part of the dataset's context)."""
-    ds.context.execution_options.preserve_order = True
-    return ds
+log = logging.getLogger(__name__)
 
 
 class Progress:
@@ -94,6 +92,7 @@ def run(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     storage, storage_fs = models.train_storage(tables, kind)
+    datasets = _readable(datasets, scaling)
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # a fixed split: see the module's docstring
     gpu = {"GPU": 1} if scaling.use_gpu else {}
@@ -128,3 +127,24 @@ def run(
         open(os.path.join(d, summary_file)) as fh,
     ):
         return uri, json.load(fh)
+
+
+def _readable(datasets: dict, scaling: Scaling) -> dict:
+    """``datasets``, materialised first (in input order) when the workers would hold every CPU.
+
+    Ray Data's read tasks need a CPU beside the workers; on a machine the workers fill, a
+    streaming read would wait for one forever.
+    """
+    import ray
+    from ray.data.dataset import MaterializedDataset
+
+    if ray.cluster_resources().get("CPU", 0) - scaling.workers * scaling.cpus_per_worker >= 1:
+        return datasets
+    out = {}
+    for name, ds in datasets.items():
+        if not isinstance(ds, MaterializedDataset):
+            log.info("%s: no CPU left for Ray Data beside the workers; materialising it first", name)
+            ds.context.execution_options.preserve_order = True  # the materialised order is the read order
+            ds = ds.materialize()
+        out[name] = ds
+    return out

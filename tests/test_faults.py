@@ -241,7 +241,7 @@ def test_two_writers_on_one_local_table_commit_or_fail_cleanly(tmp_path):
 def test_a_killed_ranker_worker_resumes_and_ends_with_the_clean_metrics(pipeline_root, tmp_path, monkeypatch):
     """Rank 1 dies in epoch 1 of 2; the run resumes from epoch 0's checkpoint and equals the clean run ``r``.
 
-    Training input is read in order (`training.in_order`), so the restarted workers get exactly the
+    Training input is read in order (`training.run`), so the restarted workers get exactly the
     batches of the uninterrupted run, and the checkpoint holds weights and both optimizers: the
     evaluation must come out the same to the last digit, not merely within a seed's spread.
     """

@@ -264,15 +264,9 @@ def fit(cfg: QarmConfig, version: str, names: list[str], seeds: list[int]) -> mo
     snap = tables.snapshot("samples")
     samples = tables.ray("samples", snap.version)
     datasets = {
-        "train": training.in_order(samples.filter(expr="split == 'train'")),
+        "train": samples.filter(expr="split == 'train'"),
         "eval": samples.filter(expr="split == 'eval'"),
     }
-    import ray
-
-    if ray.cluster_resources().get("CPU", 0) - rc.workers * rc.cpus_per_worker < 1:
-        # the workers hold every CPU, and Ray Data's read tasks would wait for one forever: read first
-        log.info("rank: no CPU left for Ray Data beside the workers; materialising the samples first")
-        datasets = {k: ds.materialize() for k, ds in datasets.items()}
     loop_config = {
         "root": tables.root,
         "storage_options": tables.storage_options,
