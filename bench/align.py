@@ -3,11 +3,13 @@
 Both train the same residual tower with the same global batch, temperature, logQ
 correction and loss (`qarm_dist.align.loss.info_nce`) on the same train pairs and
 the same cores. The plain loop holds the joined pairs in memory as numpy and runs
-one process with all cores' torch threads. Ray Train runs three layouts: one worker
-holding all cores (the plain loop's layout), one worker on one core, and one worker
-per core. Its steady-state pairs/s come from the per-epoch times the workers report
-(epochs after the first), with the share of that time spent waiting for Ray Data;
-its wall time (joins, worker start) is reported apart.
+one process with all cores' torch threads. It runs twice: alone, then beside the
+idle local Ray the trainer uses, which separates what Ray's own processes cost
+from what Ray Train costs. Ray Train runs three layouts: one worker holding all
+cores (the plain loop's layout), one worker on one core, and one worker per core.
+Its steady-state pairs/s come from the per-epoch times the workers report (epochs
+after the first), with the share of that time spent waiting for Ray Data; its
+wall time (joins, worker start) is reported apart.
 Prints a JSON line last.
 
     python bench/align.py --world small          # builds world + pairs in a temp root
@@ -116,6 +118,9 @@ def main() -> None:
         run_pairs(cfg, "bench-pairs")
     plain = plain_loop(tables, cfg, args.epochs, args.threads)
     ray_init(cfg)
+    # the same loop again, now beside the idle local Ray the trainer runs on (its GCS, raylet,
+    # dashboard and their threads share the cores): what Ray's presence costs, apart from Ray Train
+    plain_beside_ray = plain_loop(tables, cfg, args.epochs, args.threads)
     t0 = time.perf_counter()
     data = load_pairs(tables, "emb", cfg.align.logq, cfg.align.join_partitions)
     load_s = time.perf_counter() - t0
@@ -130,10 +135,14 @@ def main() -> None:
         "batch": cfg.align.batch_size,
         "epochs": args.epochs,
         "plain_pairs_per_s": plain,
+        "plain_beside_ray_pairs_per_s": plain_beside_ray,
         "ray_data_join_s": load_s,
         "ray": runs,
         "ratio_ray_vs_plain": {
             f"{r['workers']}x{r['cpus_per_worker']}": r["pairs_per_s"] / plain for r in runs
+        },
+        "ratio_ray_vs_plain_beside_ray": {
+            f"{r['workers']}x{r['cpus_per_worker']}": r["pairs_per_s"] / plain_beside_ray for r in runs
         },
     }
     print(json.dumps(out))
