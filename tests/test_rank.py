@@ -82,6 +82,12 @@ def test_samples_have_strictly_earlier_histories_and_leak_free_popularity(world_
     pop = dict(zip(s["item_id"].to_pylist(), s["item_pop"].to_pylist()))
     assert all(pop[i] == int(train_counts.get(i, 0)) for i in list(pop)[:500])
     assert run_samples(cfg_for(world_root), "s")[0].skipped  # same run id: nothing new
+    # written in a hashed order (trainers read in table order): the first tenth mixes users like a
+    # random tenth does, where rows grouped by user would name about a tenth of them
+    users = s["user_id"].to_numpy()
+    head = len(np.unique(users[: len(users) // 10]))
+    drawn = len(np.unique(np.random.default_rng(0).choice(users, len(users) // 10, replace=False)))
+    assert head > 0.9 * drawn, (head, drawn, len(np.unique(users)))
 
 
 def test_implicit_data_gets_sampled_negatives(world_root, tmp_path, spark):

@@ -154,6 +154,11 @@ def build_samples(cfg: QarmConfig, spark: SparkSession, tables: Tables) -> tuple
         .withColumn("split", F.when(F.col("ts") >= eval_start, "eval").otherwise("train"))
         .select(*SAMPLES.columns)
     )
+    # Rows leave the history step grouped by user, and trainers read a table in order (a run must
+    # repeat). Written in a seeded hash order instead, every stretch of the table is a random sample
+    # of all users and times, so a batch (or a local shuffle buffer) never holds a handful of users.
+    key = F.xxhash64("user_id", "item_id", "ts", "sampled", F.lit(sc.seed))
+    out = out.repartition(key).sortWithinPartitions(key)
     return out, {"eval_start_ts": eval_start, "negatives_per_row": k, "history": sc.history}
 
 
