@@ -23,6 +23,7 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -40,10 +41,18 @@ from qarm_dist.io.delta import Tables
 from qarm_dist.pairs import run_pairs
 
 
-def plain_loop(tables: Tables, cfg, epochs: int, threads: int) -> float:
-    """Pairs/s of a plain torch loop over in-memory pairs (the peer)."""
-    torch.set_num_threads(threads)
-    ac = cfg.align
+@dataclass
+class PlainPairs:
+    """The train pairs as rows of an in-memory content matrix, with their logQ terms."""
+
+    x: torch.Tensor  # (items, dim) content embeddings, rows sorted by item id
+    a: np.ndarray  # trigger rows of x
+    b: np.ndarray  # target rows of x
+    logq: torch.Tensor  # per row of x
+
+
+def plain_pairs(tables: Tables) -> PlainPairs:
+    """Read the content embeddings and train pairs once, for every run of the plain loop."""
     emb = pa.Table.from_batches(list(tables.read_batches("item_content_emb", columns=["item_id", "emb"])))
     ids = emb["item_id"].to_numpy()
     order = np.argsort(ids)
@@ -54,7 +63,15 @@ def plain_loop(tables: Tables, cfg, epochs: int, threads: int) -> float:
     a = np.searchsorted(ids, pairs["trigger_id"].to_numpy())
     b = np.searchsorted(ids, pairs["target_id"].to_numpy())
     counts = np.bincount(np.concatenate([a, b]), minlength=len(ids))
-    logq = torch.from_numpy(log_frequency(counts, 2 * len(a)))
+    return PlainPairs(x, a, b, torch.from_numpy(log_frequency(counts, 2 * len(a))))
+
+
+def plain_loop(data: PlainPairs, cfg, epochs: int, threads: int) -> float:
+    """Pairs/s of a plain torch loop over in-memory pairs (the peer)."""
+    torch.set_num_threads(threads)
+    ac = cfg.align
+    x, a, b, logq = data.x, data.a, data.b, data.logq
+    dim = x.shape[1]
     torch.manual_seed(0)
     tower = ResidualTower(dim, ac.hidden)
     opt = torch.optim.AdamW(tower.parameters(), lr=ac.lr, weight_decay=ac.weight_decay)
@@ -116,11 +133,12 @@ def main() -> None:
     if not tables.exists("item_pairs"):
         write_world(cfg, "bench-world", emit_embeddings=True)
         run_pairs(cfg, "bench-pairs")
-    plain = plain_loop(tables, cfg, args.epochs, args.threads)
+    in_memory = plain_pairs(tables)
+    plain = plain_loop(in_memory, cfg, args.epochs, args.threads)
     ray_init(cfg)
     # the same loop again, now beside the idle local Ray the trainer runs on (its GCS, raylet,
     # dashboard and their threads share the cores): what Ray's presence costs, apart from Ray Train
-    plain_beside_ray = plain_loop(tables, cfg, args.epochs, args.threads)
+    plain_beside_ray = plain_loop(in_memory, cfg, args.epochs, args.threads)
     t0 = time.perf_counter()
     data = load_pairs(tables, "emb", cfg.align.logq, cfg.align.join_partitions)
     load_s = time.perf_counter() - t0
