@@ -144,16 +144,19 @@ def cmd_refresh(args: argparse.Namespace) -> None:
 
 def cmd_align(args: argparse.Namespace) -> None:
     cfg = _cfg(args)
-    from qarm_dist import align, models
+    from qarm_dist import models
+    from qarm_dist.align.evaluate import evaluate
+    from qarm_dist.align.infer import run_embed
+    from qarm_dist.align.train import train, train_models
 
     tables = Tables.from_config(cfg)
     if args.action == "train":
         run_id = _run_id(args, "align")
         if args.seeds:
             seeds = list(range(cfg.align.seed, cfg.align.seed + args.seeds))
-            infos = align.train_models(cfg, run_id, seeds)
+            infos = train_models(cfg, run_id, seeds)
         else:
-            infos = [align.train(cfg, run_id)]
+            infos = [train(cfg, run_id)]
         for info in infos:
             m = info.meta["metrics"]
             print(
@@ -161,12 +164,12 @@ def cmd_align(args: argparse.Namespace) -> None:
                 f"last epoch loss {m.get('loss', float('nan')):.4f}, in-batch accuracy {m.get('accuracy', 0):.3f}"
             )
     elif args.action == "embed":
-        result, info = align.run_embed(cfg, _run_id(args, "align-embed"), args.model)
+        result, info = run_embed(cfg, _run_id(args, "align-embed"), args.model)
         _print_commits({"item_aligned_emb": result})
         print(f"model {info.version}")
     elif args.action == "eval":
         infos = [models.find(tables, "align", v) for v in args.model] or [models.find(tables, "align")]
-        print(json.dumps(align.evaluate(cfg, infos, behaviour=not args.no_behaviour), indent=2))
+        print(json.dumps(evaluate(cfg, infos, behaviour=not args.no_behaviour), indent=2))
     else:
         for info in models.published(tables, "align"):
             print(

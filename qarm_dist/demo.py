@@ -10,7 +10,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from qarm_dist import align
+from qarm_dist.align.evaluate import evaluate as evaluate_alignment
+from qarm_dist.align.infer import run_embed as embed_aligned
+from qarm_dist.align.train import train_models as train_alignment
 from qarm_dist.codebook import stage as codebook
 from qarm_dist.config import QarmConfig
 from qarm_dist.data.ingest import write_movielens, write_world
@@ -45,9 +47,9 @@ def run_codes(cfg: QarmConfig, run_id: str) -> dict[str, Any]:
 def run_alignment(cfg: QarmConfig, run_id: str) -> dict[str, Any]:
     """Train ``align.seeds`` models, embed every item with the first, and evaluate them all."""
     ac = cfg.align
-    infos = align.train_models(cfg, f"{run_id}-align", list(range(ac.seed, ac.seed + ac.seeds)))
-    align.run_embed(cfg, run_id, infos[0].version)
-    return align.evaluate(cfg, infos)
+    infos = train_alignment(cfg, f"{run_id}-align", list(range(ac.seed, ac.seed + ac.seeds)))
+    embed_aligned(cfg, run_id, infos[0].version)
+    return evaluate_alignment(cfg, infos)
 
 
 def run_ranker(cfg: QarmConfig, run_id: str) -> dict[str, Any]:

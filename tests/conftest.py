@@ -144,7 +144,8 @@ def pipeline_root(tmp_path_factory, spark, ray_local) -> Path:
     world (run id w), item_pairs (p), alignment model a and its item_aligned_emb (ae), codebook
     version 1 and its codes (cb), samples (s) and the ranker r (id_only, 2 epochs).
     """
-    from qarm_dist import align
+    from qarm_dist.align.infer import run_embed
+    from qarm_dist.align.train import train as train_alignment
     from qarm_dist.codebook import stage as codebook
     from qarm_dist.data.ingest import write_world
     from qarm_dist.pairs import run_pairs
@@ -155,7 +156,7 @@ def pipeline_root(tmp_path_factory, spark, ray_local) -> Path:
     cfg = load_config(overrides=PIPELINE, root=str(root))
     write_world(cfg, "w", emit_embeddings=True)
     run_pairs(cfg, "p")
-    align.run_embed(cfg, "ae", align.train(cfg, "a").version)
+    run_embed(cfg, "ae", train_alignment(cfg, "a").version)
     _, cb = codebook.run_fit(cfg, "cb")
     codebook.run_assign(cfg, "cb", cb.version)
     run_samples(cfg, "s")

@@ -10,8 +10,10 @@ import pytest
 from conftest import read_all
 
 from qarm_dist import faults, models
-from qarm_dist.align import evaluate, run_embed, train
 from qarm_dist.align.data import load_pairs
+from qarm_dist.align.evaluate import evaluate
+from qarm_dist.align.infer import run_embed
+from qarm_dist.align.train import train
 from qarm_dist.config import load_config
 from qarm_dist.data.ingest import write_world
 from qarm_dist.embed import run_embed as run_content_embed

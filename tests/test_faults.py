@@ -33,7 +33,7 @@ from conftest import PIPELINE, read_all
 from reliability import QARM, race_two_writers, run_qarm, state
 
 from qarm_dist import faults
-from qarm_dist.align import run_embed as align_embed
+from qarm_dist.align.infer import run_embed as align_embed
 from qarm_dist.codebook import stage as codebook
 from qarm_dist.codebook import store
 from qarm_dist.config import load_config

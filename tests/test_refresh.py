@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import read_all
 
-from qarm_dist import align, models
+from qarm_dist import models
+from qarm_dist.align.infer import run_embed as align_embed
 from qarm_dist.align.model import ResidualTower, load_tower, save_tower
 from qarm_dist.cli import main
 from qarm_dist.codebook import stage, store
@@ -92,7 +93,7 @@ def test_refresh_codes_only_new_items_resumes_by_run_id_and_refits(
     write_world(cfg, "w")
     run_embed(cfg, "e")  # the real encoder
     tower = publish_tower(t, t.dim("item_content_emb"))
-    align.run_embed(cfg, "a", "m1")
+    align_embed(cfg, "a", "m1")
     _, cb = stage.run_fit(cfg, "f")
     assert cb.info["source"] == "item_aligned_emb"  # so the refresh must extend the aligned table too
     stage.run_assign(cfg, "c")

@@ -1,7 +1,5 @@
-"""Item alignment (QARM): `qarm align train | embed | eval` on Ray Train and Ray Data."""
+"""Item alignment (QARM): `qarm align train | embed | eval` on Ray Train and Ray Data.
 
-from qarm_dist.align.evaluate import evaluate
-from qarm_dist.align.infer import run_embed
-from qarm_dist.align.train import train, train_models
-
-__all__ = ["evaluate", "run_embed", "train", "train_models"]
+One module per verb (`train`, `infer`, `evaluate`); the tower (`model`) and the loss (`loss`)
+import with torch alone.
+"""

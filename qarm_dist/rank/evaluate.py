@@ -27,7 +27,8 @@ from qarm_dist.engines import ray_init
 from qarm_dist.io.delta import TableError, Tables
 from qarm_dist.io.raydata import map_blocks
 from qarm_dist.io.schemas import TASKS
-from qarm_dist.rank.features import ItemFeatures, check_feature_tables, featurize, load_item_features
+from qarm_dist.rank.feature_store import check_feature_tables, load_item_features
+from qarm_dist.rank.features import ItemFeatures, featurize
 from qarm_dist.rank.metrics import task_metrics
 from qarm_dist.rank.model import Ranker, load_ranker
 

@@ -39,7 +39,8 @@ from qarm_dist.io.delta import Tables
 from qarm_dist.io.schemas import TASKS
 from qarm_dist.rank.embeddings import sparse_optimizer, sync_sparse_grads
 from qarm_dist.rank.evaluate import check_samples, metrics, predict
-from qarm_dist.rank.features import check_feature_tables, code_versions, featurize, load_item_features
+from qarm_dist.rank.feature_store import check_feature_tables, code_versions, load_item_features
+from qarm_dist.rank.features import featurize
 from qarm_dist.rank.model import Ranker, RankerSpec, loss_fn, save_ranker, variant
 
 log = logging.getLogger(__name__)
