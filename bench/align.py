@@ -2,14 +2,14 @@
 
 Both train the same residual tower with the same global batch, temperature, logQ
 correction and loss (`qarm_dist.align.loss.info_nce`) on the same train pairs and
-the same cores. The plain loop holds the joined pairs in memory as numpy and runs
-one process with all cores' torch threads. It runs twice: alone, then beside the
-idle local Ray the trainer uses, which separates what Ray's own processes cost
-from what Ray Train costs. Ray Train runs three layouts: one worker holding all
-cores (the plain loop's layout), one worker on one core, and one worker per core.
-Its steady-state pairs/s come from the per-epoch times the workers report (epochs
-after the first), with the share of that time spent waiting for Ray Data; its
-wall time (joins, worker start) is reported apart.
+the same cores. The plain loop (`bench/plain.py`) holds the pairs in memory and runs
+one process: with all cores' torch threads alone, then beside the idle local Ray
+the trainer uses (what Ray's own processes cost, apart from Ray Train), and with
+one thread (the peer of one Ray worker on one CPU). Ray Train runs three layouts:
+one worker holding all cores (the plain loop's layout), one worker on one core, and
+one worker per core. Its steady-state pairs/s come from the per-epoch times the
+workers report (epochs after the first), with the share of that time spent waiting
+for Ray Data; its wall time (joins, worker start) is reported apart.
 Prints a JSON line last.
 
     python bench/align.py --world small          # builds world + pairs in a temp root
@@ -23,32 +23,20 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from plain import AlignSettings, PlainPairs, align_loop
 
 from qarm_dist.align.data import load_pairs, log_frequency
-from qarm_dist.align.loss import Batch, info_nce
-from qarm_dist.align.model import ResidualTower
 from qarm_dist.align.train import train
 from qarm_dist.config import load_config
 from qarm_dist.data.ingest import write_world
 from qarm_dist.engines import ray_init, set_process_env
 from qarm_dist.io.delta import Tables
 from qarm_dist.pairs import run_pairs
-
-
-@dataclass
-class PlainPairs:
-    """The train pairs as rows of an in-memory content matrix, with their logQ terms."""
-
-    x: torch.Tensor  # (items, dim) content embeddings, rows sorted by item id
-    a: np.ndarray  # trigger rows of x
-    b: np.ndarray  # target rows of x
-    logq: torch.Tensor  # per row of x
 
 
 def plain_pairs(tables: Tables) -> PlainPairs:
@@ -64,35 +52,6 @@ def plain_pairs(tables: Tables) -> PlainPairs:
     b = np.searchsorted(ids, pairs["target_id"].to_numpy())
     counts = np.bincount(np.concatenate([a, b]), minlength=len(ids))
     return PlainPairs(x, a, b, torch.from_numpy(log_frequency(counts, 2 * len(a))))
-
-
-def plain_loop(data: PlainPairs, cfg, epochs: int, threads: int) -> float:
-    """Pairs/s of a plain torch loop over in-memory pairs (the peer)."""
-    torch.set_num_threads(threads)
-    ac = cfg.align
-    x, a, b, logq = data.x, data.a, data.b, data.logq
-    dim = x.shape[1]
-    torch.manual_seed(0)
-    tower = ResidualTower(dim, ac.hidden)
-    opt = torch.optim.AdamW(tower.parameters(), lr=ac.lr, weight_decay=ac.weight_decay)
-    bs, times = ac.batch_size, []
-    rng = np.random.default_rng(0)
-    for _ in range(epochs):
-        perm = rng.permutation(len(a))
-        t0 = time.perf_counter()
-        for s in range(0, len(a) - bs + 1, bs):
-            ia, ib = torch.from_numpy(a[perm[s : s + bs]]), torch.from_numpy(b[perm[s : s + bs]])
-            out = tower(torch.cat([x[ia], x[ib]]))
-            batch = Batch(
-                out[:bs], out[bs:], ia, ib, logq[ia] if ac.logq else None, logq[ib] if ac.logq else None
-            )
-            loss, _, _ = info_nce(batch, ac.temperature)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        times.append(time.perf_counter() - t0)
-    steps = len(a) // bs
-    return steps * bs / statistics.median(times[1:] if len(times) > 1 else times)
 
 
 def ray_train(cfg, data, workers: int, cpus: int, tag: str) -> dict:
@@ -134,11 +93,16 @@ def main() -> None:
         write_world(cfg, "bench-world", emit_embeddings=True)
         run_pairs(cfg, "bench-pairs")
     in_memory = plain_pairs(tables)
-    plain = plain_loop(in_memory, cfg, args.epochs, args.threads)
+    ac = cfg.align
+    settings = AlignSettings(ac.hidden, ac.lr, ac.weight_decay, ac.temperature, ac.logq, ac.batch_size)
+    torch.set_num_threads(1)  # the peer of one Ray worker with one CPU
+    plain_one_thread = align_loop(in_memory, settings, args.epochs)
+    torch.set_num_threads(args.threads)
+    plain = align_loop(in_memory, settings, args.epochs)
     ray_init(cfg)
     # the same loop again, now beside the idle local Ray the trainer runs on (its GCS, raylet,
     # dashboard and their threads share the cores): what Ray's presence costs, apart from Ray Train
-    plain_beside_ray = plain_loop(in_memory, cfg, args.epochs, args.threads)
+    plain_beside_ray = align_loop(in_memory, settings, args.epochs)
     t0 = time.perf_counter()
     data = load_pairs(tables, "emb", cfg.align.logq, cfg.align.join_partitions)
     load_s = time.perf_counter() - t0
@@ -154,11 +118,13 @@ def main() -> None:
         "epochs": args.epochs,
         "plain_pairs_per_s": plain,
         "plain_beside_ray_pairs_per_s": plain_beside_ray,
+        "plain_one_thread_pairs_per_s": plain_one_thread,
         "ray_data_join_s": load_s,
         "ray": runs,
         "ratio_ray_vs_plain": {
             f"{r['workers']}x{r['cpus_per_worker']}": r["pairs_per_s"] / plain for r in runs
         },
+        "ratio_ray_1x1_vs_plain_one_thread": runs[1]["pairs_per_s"] / plain_one_thread,
         "ratio_ray_vs_plain_beside_ray": {
             f"{r['workers']}x{r['cpus_per_worker']}": r["pairs_per_s"] / plain_beside_ray for r in runs
         },

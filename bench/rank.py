@@ -26,10 +26,10 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from plain import RankSettings, rank_loop, table_step
 
 from qarm_dist.codebook import stage as codebook
 from qarm_dist.config import load_config
@@ -37,40 +37,21 @@ from qarm_dist.data.ingest import write_world
 from qarm_dist.engines import set_process_env
 from qarm_dist.io.delta import Tables
 from qarm_dist.rank import train
-from qarm_dist.rank.embeddings import EmbeddingBagConfig, EmbeddingTables, sparse_optimizer
-from qarm_dist.rank.features import featurize, load_item_features
-from qarm_dist.rank.model import Ranker, RankerSpec, loss_fn
+from qarm_dist.rank.feature_store import load_item_features
+from qarm_dist.rank.model import RankerSpec
 from qarm_dist.rank.samples import run_samples
 
 
-def plain_loop(cfg, tables: Tables, variant: str, epochs: int, threads: int) -> float:
-    """Samples/s of a plain torch loop (the peer): same spec, featurizer, loss and optimizers."""
+def plain_loop(cfg, tables: Tables, variant: str, epochs: int, threads: int) -> dict[str, float]:
+    """Samples/s of the plain torch loop (the peer): same spec, featurizer, loss and optimizers."""
     torch.set_num_threads(threads)
     rc = cfg.rank
     jobs, _, load = train.plan(cfg, tables, [variant], [0])
-    spec = RankerSpec.from_json(jobs[0]["spec"])
     feats = load_item_features(tables, load["code_versions"], load["emb_dim"], load["projection_seed"])
     rows = pa.Table.from_batches(list(tables.read_batches("samples")))
     rows = rows.filter(pc.equal(rows["split"], "train"))
-    torch.manual_seed(0)
-    model = Ranker(spec)
-    opt_d = torch.optim.AdamW(model.dense.parameters(), lr=rc.lr)
-    opt_s = sparse_optimizer(rc.sparse_optimizer, list(model.sparse.parameters()), rc.sparse_lr)
-    fspec, bs, times = spec.feature_spec(), rc.batch_size, []
-    rng = np.random.default_rng(0)
-    for _ in range(epochs):
-        perm = rng.permutation(rows.num_rows)
-        t0 = time.perf_counter()
-        for s in range(0, rows.num_rows - bs + 1, bs):
-            f = featurize(rows.take(perm[s : s + bs]), feats, fspec)
-            loss, _ = loss_fn(model(f), f["labels"], f["label_mask"])
-            opt_d.zero_grad()
-            opt_s.zero_grad()
-            loss.backward()
-            opt_d.step()
-            opt_s.step()
-        times.append(time.perf_counter() - t0)
-    return (rows.num_rows // bs) * bs / statistics.median(times[1:] if len(times) > 1 else times)
+    settings = RankSettings(rc.lr, rc.sparse_lr, rc.sparse_optimizer, rc.batch_size)
+    return rank_loop(rows, feats, RankerSpec.from_json(jobs[0]["spec"]), settings, epochs)
 
 
 def ray_train(cfg, variant: str, workers: int, tag: str) -> dict:
@@ -83,37 +64,13 @@ def ray_train(cfg, variant: str, workers: int, tag: str) -> dict:
     return {"workers": workers, "samples_per_s": statistics.median(steady), "fit_wall_s": wall}
 
 
-def table_step(rows: int, dim: int, sparse: bool, batch: int) -> dict:
-    """Peak RSS and step time of one table of ``rows`` x ``dim`` trained on a batch of bags."""
+def table_child(rows: int, sparse: bool) -> dict:
+    """`plain.table_step` in this (fresh) process, with its peak RSS."""
     torch.set_num_threads(1)
-    tables = EmbeddingTables([EmbeddingBagConfig("item", rows, dim, ("item",))])
-    if not sparse:
-        tables.tables["item"].sparse = False
-    opt = (
-        sparse_optimizer("adagrad", list(tables.parameters()), 0.05)
-        if sparse
-        else torch.optim.Adagrad(tables.parameters(), lr=0.05)
-    )
-    rng = np.random.default_rng(0)
-    times = []
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    for _ in range(5):
-        ids = torch.from_numpy(rng.integers(1, rows, (batch, 50)))
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        tables("item", ids).pow(2).sum().backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
+    out = table_step(rows, 16, sparse, 2048)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {
-        "mode": "sparse" if sparse else "dense",
-        "rows": rows,
-        "table_mb": rows * dim * 4 / 2**20,
-        "step_s": statistics.median(times[1:]),
-        "first_step_s": times[0],
-        "rss_after_init_mb": base / 1024,
-        "peak_rss_mb": peak / 1024,
-    }
+    return {**out, "rss_before_mb": base / 1024, "peak_rss_mb": peak / 1024}
 
 
 def main() -> None:
@@ -131,7 +88,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.table_mode:  # child process: one mode, clean peak RSS
-        print(json.dumps(table_step(args.rows, 16, args.table_mode == "sparse", 2048)))
+        print(json.dumps(table_child(args.rows, args.table_mode == "sparse")))
         return
     out: dict = {"bench": "rank"}
     for mode in ("sparse", "dense"):
@@ -155,7 +112,9 @@ def main() -> None:
             run_samples(cfg, "bench-samples")
         out["variant"] = args.variant
         out["batch"] = cfg.rank.batch_size
-        out["plain_samples_per_s"] = plain_loop(cfg, tables, args.variant, args.epochs, args.threads)
+        plain = plain_loop(cfg, tables, args.variant, args.epochs, args.threads)
+        out["plain_samples_per_s"] = plain["samples_per_s"]
+        out["plain_step_samples_per_s"] = plain["step_samples_per_s"]
         tag = str(int(time.time()))
         out["ray"] = [ray_train(cfg, args.variant, w, tag) for w in (1, 2)]
         out["ratio_ray_vs_plain"] = {
