@@ -12,8 +12,8 @@ core:
    included) and the device step alone;
 3. one step of a 10M-row hashed table with sparse vs dense gradients, with CUDA's peak memory.
 
-    python bench/gpu.py export --root qarm-data --out gpu-data     # here
-    python bench/gpu.py run --data gpu-data --out results.json     # on the GPU box
+    python bench/gpu.py export --root qarm-data --out bench/out/gpu-data          # here
+    python bench/gpu.py run --data bench/out/gpu-data --out bench/out/gpu.json    # on the GPU box
 """
 
 from __future__ import annotations
