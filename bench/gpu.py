@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
-from plain import AlignSettings, PlainPairs, RankSettings, align_loop, rank_loop, table_step
+from plain import AlignSettings, PlainPairs, RankSettings, align_loop, rank_loop, table_step, to_device
 
 from qarm_dist.rank.features import Codes, ItemFeatures, featurize
 from qarm_dist.rank.model import Ranker, RankerSpec, loss_fn
@@ -61,12 +61,12 @@ def export(root: str, out: str, variant: str, rows: int, overrides: list[str]) -
     pq.write_table(samples, os.path.join(out, SAMPLES), compression="zstd")
     feats = load_item_features(tables, load["code_versions"], load["emb_dim"], load["projection_seed"])
     arrays: dict[str, np.ndarray] = {"ids": feats.ids}
-    meta: dict = {"codes": {}}
+    codes = {}
     for role, c in feats.codes.items():
         arrays |= {f"{role}.rq": c.rq, f"{role}.vq": c.vq}
         if c.fsq is not None:
             arrays[f"{role}.fsq"] = c.fsq
-        meta["codes"][role] = {"version": c.version, "k": c.k, "fsq_size": c.fsq_size}
+        codes[role] = {"version": c.version, "k": c.k, "fsq_size": c.fsq_size}
     if feats.emb is not None:
         arrays["emb"] = feats.emb
     np.savez_compressed(os.path.join(out, FEATURES), **arrays)
@@ -85,7 +85,7 @@ def export(root: str, out: str, variant: str, rows: int, overrides: list[str]) -
         },
         "align_batch": ac.batch_size,
         "content_dim": tables.snapshot("item_content_emb").dim,
-        "codes": meta["codes"],
+        "codes": codes,
         "samples": samples.num_rows,
     }
     with open(os.path.join(out, SETTINGS), "w") as fh:
@@ -111,7 +111,7 @@ def _agreement(samples: pa.Table, feats: ItemFeatures, spec: RankerSpec) -> dict
     f = featurize(samples.slice(0, 1024), feats, spec.feature_spec())
     out = {}
     for name, model, dev in (("cpu", cpu, "cpu"), ("cuda", gpu, "cuda")):
-        g = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in f.items()}
+        g = to_device(f, dev)
         logits = model(g)
         loss, _ = loss_fn(logits, g["labels"], g["label_mask"])
         loss.backward()

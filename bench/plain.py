@@ -91,7 +91,8 @@ class RankSettings:
     batch: int
 
 
-def _to(f: dict, device: str) -> dict:
+def to_device(f: dict, device: str) -> dict:
+    """A featurized batch with its tensors on ``device`` (other values as they are)."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in f.items()}
 
 
@@ -124,10 +125,10 @@ def rank_loop(
         starts = range(0, rows.num_rows - bs + 1, bs)
         t0 = time.perf_counter()
         for i in starts:
-            step(_to(featurize(rows.take(perm[i : i + bs]), feats, fspec), device))
+            step(to_device(featurize(rows.take(perm[i : i + bs]), feats, fspec), device))
         _sync(device)
         times.append(time.perf_counter() - t0)
-        ready = [_to(featurize(rows.take(perm[i : i + bs]), feats, fspec), device) for i in starts]
+        ready = [to_device(featurize(rows.take(perm[i : i + bs]), feats, fspec), device) for i in starts]
         _sync(device)
         t0 = time.perf_counter()
         for f in ready:

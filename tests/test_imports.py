@@ -21,39 +21,39 @@ MODEL_MODULES = (
     "plain",  # bench/plain.py, the peers bench/gpu.py runs
 )
 
-PROGRAM = f"""
+PROGRAM = """
 import sys
 class Block:
     def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in {BLOCKED!r}:
+        if name.split(".")[0] in {blocked!r}:
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
 import importlib
-for m in {MODEL_MODULES!r}:
+for m in {modules!r}:
     importlib.import_module(m)
 print("ok")
 """
 
 
-def test_model_modules_import_without_the_storage_and_engine_stack():
+def _import_with_the_stack_blocked(modules: tuple[str, ...]) -> subprocess.CompletedProcess:
+    """Import ``modules`` in a fresh interpreter where every ``BLOCKED`` package fails to import."""
     root = Path(__file__).resolve().parents[1]
-    env_path = f"{root}:{root / 'bench'}"
-    p = subprocess.run(
-        [sys.executable, "-c", PROGRAM],
+    return subprocess.run(
+        [sys.executable, "-c", PROGRAM.format(blocked=BLOCKED, modules=modules)],
         capture_output=True,
         text=True,
-        env={"PYTHONPATH": env_path},
+        env={"PYTHONPATH": f"{root}:{root / 'bench'}"},
         cwd=root,
     )
+
+
+def test_model_modules_import_without_the_storage_and_engine_stack():
+    p = _import_with_the_stack_blocked(MODEL_MODULES)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "ok"
 
 
 def test_the_blocker_blocks():
     """The check above would pass vacuously if blocking did nothing: importing a blocked module fails."""
-    program = PROGRAM.replace(repr(MODEL_MODULES), repr(("qarm_dist.rank.feature_store",)))
-    root = Path(__file__).resolve().parents[1]
-    p = subprocess.run(
-        [sys.executable, "-c", program], capture_output=True, text=True, env={"PYTHONPATH": str(root)}
-    )
+    p = _import_with_the_stack_blocked(("qarm_dist.rank.feature_store",))
     assert p.returncode != 0 and "blocked: " in p.stderr
