@@ -258,14 +258,19 @@ def _ranker_md(r: dict[str, Any], plots: Path) -> list[str]:
         "",
         f"Main task `{task}`, evaluated on the evaluation window: {c['rows']} rows, {c['users']} users "
         f"({c['users_with_both_classes']} with both classes), {c['cold_rows']} cold-start rows; "
-        f"{r['epochs']} epochs, mean ± std over {any_row['seeds']} seeds (same data, same seeds per variant).",
+        f"{r['epochs']} epochs, mean ± std over {any_row['seeds']} seeds (same data, same seeds per variant). "
+        "User-level AUC scores every row by its user's mean prediction: the part of the AUC that orders "
+        "users, which GAUC leaves out.",
         "",
-        "| variant | AUC | GAUC | UAUC | logloss | cold-start AUC |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | AUC | GAUC | UAUC | user-level AUC | logloss | cold-start AUC |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for v in variants:
         x = rows[v]
-        cells = [f"{x[k]:.4f} ± {x[f'{k}_std']:.4f}" for k in ("auc", "gauc", "uauc", "logloss", "auc_cold")]
+        cells = [
+            f"{x[k]:.4f} ± {x[f'{k}_std']:.4f}"
+            for k in ("auc", "gauc", "uauc", "auc_user_level", "logloss", "auc_cold")
+        ]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     buckets = list(any_row["auc_by_popularity"])
     lines += [

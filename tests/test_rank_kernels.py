@@ -15,7 +15,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from qarm_dist.rank.embeddings import EmbeddingBagConfig, EmbeddingTables, sparse_optimizer, sync_sparse_grads
 from qarm_dist.rank.features import PAD, Codes, FeatureSpec, ItemFeatures, featurize
-from qarm_dist.rank.metrics import auc, bucket_names, logloss, task_metrics, uauc_gauc
+from qarm_dist.rank.metrics import auc, bucket_names, logloss, task_metrics, uauc_gauc, user_level_auc
 from qarm_dist.rank.samples import negatives, prior_items
 
 
@@ -42,6 +42,22 @@ def test_uauc_and_gauc_are_per_user_aucs_averaged_and_impression_weighted():
     assert n == len(ok) == 29
     assert uauc == pytest.approx(np.mean(per), abs=1e-12)
     assert gauc == pytest.approx(np.average(per, weights=rows), abs=1e-12)
+
+
+def test_user_level_auc_orders_users_by_their_mean_score_and_ignores_order_within_a_user():
+    rng = np.random.default_rng(2)
+    users = rng.integers(0, 40, 4000)
+    y = (rng.random(4000) < 0.1 + 0.02 * users).astype(int)  # users differ in how much they like
+    s = rng.random(4000) + 0.01 * users
+    mean = np.array([s[users == u].mean() for u in range(40)])
+    assert user_level_auc(users, y, s) == pytest.approx(roc_auc_score(y, mean[users]), abs=1e-12)
+    shuffled = s.copy()  # reorder scores within every user: the user means, so the figure, stay
+    for u in range(40):
+        shuffled[users == u] = rng.permutation(s[users == u])
+    assert user_level_auc(users, y, shuffled) == pytest.approx(user_level_auc(users, y, s), abs=1e-12)
+    flat = mean[users]  # scores constant within each user: AUC is all between users
+    assert user_level_auc(users, y, flat) == pytest.approx(auc(y, flat), abs=1e-12)
+    assert user_level_auc(users, y, s) > 0.6  # the planted per-user rates, seen through the means
 
 
 def test_task_metrics_split_by_popularity_and_cold_start():

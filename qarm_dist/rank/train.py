@@ -337,8 +337,9 @@ def summarize(info: models.ModelInfo, main_task: str) -> dict[str, Any]:
         for task in info.meta["tasks"]:
             per_seed = [e[task] for e in evals]
             row: dict[str, Any] = {}
-            for key in ("auc", "uauc", "gauc", "logloss", "auc_cold"):
-                row[key], row[f"{key}_std"] = _mean_std([p[key] for p in per_seed])
+            for key in ("auc", "uauc", "gauc", "auc_user_level", "logloss", "auc_cold"):
+                # .get: runs published before a figure existed report it as NaN
+                row[key], row[f"{key}_std"] = _mean_std([p.get(key, float("nan")) for p in per_seed])
             buckets = per_seed[0]["auc_by_popularity"]
             row["auc_by_popularity"] = {
                 b: _mean_std([p["auc_by_popularity"][b] for p in per_seed])[0] for b in buckets
