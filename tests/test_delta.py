@@ -258,6 +258,29 @@ def test_a_foreign_table_with_another_schema_is_refused_on_read(root):
         t.snapshot("item_pairs")
 
 
+def test_an_overwrite_rebuilds_a_table_written_before_a_column_was_added(root):
+    t = Tables(root)
+    # an `items` table from before `created_ts` existed
+    write_deltalake(
+        t.uri("items"),
+        pa.table({"item_id": pa.array([1, 2], pa.int64()), "text": ["a", "b"], "category": ["c", "c"]}),
+    )
+    rows = pa.table(
+        {
+            "item_id": pa.array([3], pa.int64()),
+            "text": ["x"],
+            "category": ["c"],
+            "created_ts": pa.array([5], pa.int64()),
+        }
+    )
+    with pytest.raises(TableError, match="column 'created_ts': 1 of 1 rows cannot be appended"):
+        write(t, "items", rows, "r1")
+    assert t.version("items") == 0 and len(files_in(t, "items")) == 1  # the staged file is gone
+    assert write(t, "items", rows, "r2", mode="overwrite").version == 1
+    got = pa.Table.from_batches(list(t.read_batches("items")))  # read in the spec's schema again
+    assert got.column("created_ts").to_pylist() == [5] and t.snapshot("items").rows == 1
+
+
 def test_run_ids_with_odd_characters_count_their_rows(root):
     t = Tables(root)
     r = write(t, "item_content_emb", emb_rows(range(5)), "run with spaces/and%signs", dim=8)

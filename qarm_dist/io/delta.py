@@ -611,7 +611,9 @@ class Tables:
                 max_commit_retries=0,
             )
             adds = [AddAction(f.path, f.size, {}, f.mtime_ms, True, f.stats) for f in files]
-            dt.create_write_transaction(adds, mode=mode, schema=dt.schema(), commit_properties=props)
+            # an overwrite replaces the schema too (a table rebuilt after a column was added)
+            schema = self._delta_schema(target, table_spec) if mode == "overwrite" else dt.schema()
+            dt.create_write_transaction(adds, mode=mode, schema=schema, commit_properties=props)
         except CommitFailedError:
             return None
         return dt.version() + 1
@@ -656,8 +658,18 @@ class Tables:
     def _check_against(
         self, name: str, files: list[StagedFile], mode: str, dim: int | None, dt: DeltaTable | None
     ) -> None:
-        """The checks that depend on the table's current version: the embedding dimension, unique keys."""
+        """The checks that depend on the table's current version: its schema, the embedding dimension, unique keys.
+
+        An append must match the stored schema (a table written before a column was added has to be
+        rebuilt by an overwrite, which commits the spec's schema).
+        """
         table_spec = spec(name)
+        if dt is not None and mode == "append":
+            try:
+                self._check_schema(name, dt)
+            except TableError as err:
+                problem = f"cannot be appended: the stored table differs (its rows {err.problem}); rebuild it"
+                raise _refused(name, err.column, files, problem + " with an overwrite") from None
         if table_spec.emb_columns and dt is not None:
             stored_dim = self._check_schema(name, dt)
             if stored_dim != dim:
