@@ -13,6 +13,7 @@ from typing import Any
 
 from qarm_dist.io.delta import Tables
 from qarm_dist.io.schemas import TABLES
+from qarm_dist.rank.metrics import FIGURES
 
 
 def tables_section(tables: Tables) -> dict[str, dict[str, int]]:
@@ -257,20 +258,20 @@ def _ranker_md(r: dict[str, Any], plots: Path) -> list[str]:
         "## Ranker ablation",
         "",
         f"Main task `{task}`, evaluated on the evaluation window: {c['rows']} rows, {c['users']} users "
-        f"({c['users_with_both_classes']} with both classes), {c['cold_rows']} cold-start rows; "
+        f"({c['users_with_both_classes']} with both classes; {c.get('new_users')} new in the window, with "
+        f"{c.get('new_user_rows')} rows), {c['cold_rows']} cold-start rows; "
         f"{r['epochs']} epochs, mean ± std over {any_row['seeds']} seeds (same data, same seeds per variant). "
         "User-level AUC scores every row by its user's mean prediction: the part of the AUC that orders "
-        "users, which GAUC leaves out.",
+        "users, which GAUC leaves out. New users have no interaction in the training window, so their "
+        "rows are scored from their history alone.",
         "",
-        "| variant | AUC | GAUC | UAUC | user-level AUC | logloss | cold-start AUC |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| variant | AUC | UAUC | GAUC | user-level AUC | logloss | cold-start AUC | new users' AUC "
+        "| returning users' AUC |",
+        "| --- |" + " ---: |" * 8,
     ]
     for v in variants:
         x = rows[v]
-        cells = [
-            f"{x[k]:.4f} ± {x[f'{k}_std']:.4f}"
-            for k in ("auc", "gauc", "uauc", "auc_user_level", "logloss", "auc_cold")
-        ]
+        cells = [f"{x[k]:.4f} ± {x[f'{k}_std']:.4f}" for k in FIGURES]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     buckets = list(any_row["auc_by_popularity"])
     lines += [

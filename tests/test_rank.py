@@ -81,6 +81,9 @@ def test_samples_have_strictly_earlier_histories_and_leak_free_popularity(world_
     train_counts = inter[inter["ts"] < cut].groupby("item_id").size()
     pop = dict(zip(s["item_id"].to_pylist(), s["item_pop"].to_pylist()))
     assert all(pop[i] == int(train_counts.get(i, 0)) for i in list(pop)[:500])
+    user_counts = inter[inter["ts"] < cut].groupby("user_id").size()
+    upop = dict(zip(s["user_id"].to_pylist(), s["user_pop"].to_pylist()))
+    assert all(upop[u] == int(user_counts.get(u, 0)) for u in upop)
     assert run_samples(cfg_for(world_root), "s")[0].skipped  # same run id: nothing new
     # written in a hashed order (trainers read in table order): the first tenth mixes users like a
     # random tenth does, where rows grouped by user would name about a tenth of them

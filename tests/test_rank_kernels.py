@@ -65,11 +65,25 @@ def test_task_metrics_split_by_popularity_and_cold_start():
     y = np.array([1, 0, 1, 0, 1, 0, 1, 0])
     p = np.array([0.9, 0.1, 0.2, 0.8, 0.7, 0.3, 0.6, 0.4])
     pop = np.array([0, 0, 5, 5, 50, 50, 500, 500])
-    m = task_metrics(users, y, p, pop, [1, 10, 100])
+    m = task_metrics(users, y, p, pop, np.ones(8, np.int64), [1, 10, 100])
     assert bucket_names([1, 10, 100]) == ["0", "1-9", "10-99", "100+"]
     assert m["auc_cold"] == 1.0 and m["auc_by_popularity"]["1-9"] == 0.0
     assert m["rows_by_popularity"] == {"0": 2, "1-9": 2, "10-99": 2, "100+": 2}
     assert m["cold_rows"] == 2 and m["users_with_both_classes"] == 4
+
+
+def test_task_metrics_split_new_from_returning_users():
+    rng = np.random.default_rng(3)
+    users = rng.integers(0, 30, 3000)
+    user_pop = np.where(users < 10, 0, users)  # users 0-9 have no training-window interaction
+    y = (rng.random(3000) < 0.4).astype(int)
+    p = np.where(users < 10, rng.random(3000), 0.5 * y + 0.5 * rng.random(3000))  # returning: signal
+    m = task_metrics(users, y, p, np.ones(3000, np.int64), user_pop, [1, 10, 100])
+    new = users < 10
+    assert m["auc_new_users"] == pytest.approx(roc_auc_score(y[new], p[new]), abs=1e-12)
+    assert m["auc_returning_users"] == pytest.approx(roc_auc_score(y[~new], p[~new]), abs=1e-12)
+    assert m["auc_returning_users"] > 0.8 and abs(m["auc_new_users"] - 0.5) < 0.05
+    assert m["new_users"] == len(np.unique(users[new])) and m["new_user_rows"] == int(new.sum())
 
 
 def test_prior_items_are_the_last_n_strictly_earlier_events_oldest_first():

@@ -139,12 +139,14 @@ SAMPLES = TableSpec(
         ("split", pa.string()),
         ("sampled", pa.int8()),
         ("item_pop", pa.int64()),
+        ("user_pop", pa.int64()),
     ),
     key=("user_id", "item_id", "ts"),
     labels=(*TASKS, "sampled"),
     refs=(("item_id", "items"),),
     doc="Ranker input: labels, the user's prior items (oldest first), split in {train, eval}; sampled = 1 "
-    "for a sampled negative; item_pop = the item's interactions in the train window.",
+    "for a sampled negative; item_pop / user_pop = the item's / the user's interactions in the train "
+    "window (0: a cold-start item / a user new in the evaluation window).",
 )
 
 TABLES: dict[str, TableSpec] = {

@@ -39,13 +39,14 @@ KIND = "rank"
 
 @torch.no_grad()
 def predict(model: Ranker, feats: ItemFeatures, batch: pa.Table) -> pa.Table:
-    """Per row: user, item popularity, sampled flag, and per task the label, whether it is observed, the probability."""
+    """Per row: user, item and user train-window counts, and per task the label, whether it is observed, the probability."""
     spec = model.spec
     f = featurize(batch, feats, spec.feature_spec())
     probs = torch.sigmoid(model(f)).numpy()
     cols = {
         "user_id": batch.column("user_id"),
         "item_pop": batch.column("item_pop"),
+        "user_pop": batch.column("user_pop"),
     }
     mask = f["label_mask"].numpy()
     for i, task in enumerate(spec.tasks):
@@ -71,6 +72,7 @@ def metrics(
             keep.column(f"label_{task}").to_numpy(),
             keep.column(f"prob_{task}").to_numpy(),
             keep.column("item_pop").to_numpy(),
+            keep.column("user_pop").to_numpy(),
             edges,
         )
     return out

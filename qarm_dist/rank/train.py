@@ -41,6 +41,7 @@ from qarm_dist.rank.embeddings import sparse_optimizer, sync_sparse_grads
 from qarm_dist.rank.evaluate import check_samples, metrics, predict
 from qarm_dist.rank.feature_store import check_feature_tables, code_versions, load_item_features
 from qarm_dist.rank.features import featurize
+from qarm_dist.rank.metrics import COUNTS, FIGURES
 from qarm_dist.rank.model import Ranker, RankerSpec, loss_fn, save_ranker, variant
 
 log = logging.getLogger(__name__)
@@ -337,24 +338,14 @@ def summarize(info: models.ModelInfo, main_task: str) -> dict[str, Any]:
         for task in info.meta["tasks"]:
             per_seed = [e[task] for e in evals]
             row: dict[str, Any] = {}
-            for key in ("auc", "uauc", "gauc", "auc_user_level", "logloss", "auc_cold"):
+            for key in FIGURES:
                 # .get: runs published before a figure existed report it as NaN
                 row[key], row[f"{key}_std"] = _mean_std([p.get(key, float("nan")) for p in per_seed])
             buckets = per_seed[0]["auc_by_popularity"]
             row["auc_by_popularity"] = {
                 b: _mean_std([p["auc_by_popularity"][b] for p in per_seed])[0] for b in buckets
             }
-            row["counts"] = {
-                k: per_seed[0][k]
-                for k in (
-                    "rows",
-                    "positives",
-                    "users",
-                    "users_with_both_classes",
-                    "cold_rows",
-                    "rows_by_popularity",
-                )
-            }
+            row["counts"] = {k: per_seed[0].get(k) for k in COUNTS}
             row["seeds"] = len(per_seed)
             out[name][task] = row
     return {
