@@ -313,6 +313,11 @@ class RankConfig(_Section):
     item_rows: int = Field(1 << 18, gt=1, description="Hashed rows of the item-id and VQ tables.")
     ngram_rows: int = Field(1 << 16, gt=1, description="Hashed rows of each RQ prefix n-gram table.")
     gsu_k: int = Field(10, gt=0, description="GSU: history items the ESU attends over.")
+    history_feedback: bool = Field(
+        True,
+        description="Add the like label of each history item (an earlier event's feedback) to its "
+        "representation; every variant gets it.",
+    )
     emb_dim: int = Field(
         32, gt=0, description="Aligned embeddings are reduced to this by a seeded random projection."
     )

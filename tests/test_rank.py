@@ -76,8 +76,9 @@ def test_samples_have_strictly_earlier_histories_and_leak_free_popularity(world_
     by_user = {u: g for u, g in clicks.groupby("user_id")}
     for row in s.slice(0, 400).to_pylist():
         g = by_user.get(row["user_id"])
-        want = [] if g is None else g[g["ts"] < row["ts"]]["item_id"].tolist()[-50:]
-        assert row["history"] == want
+        prior = g.iloc[:0] if g is None else g[g["ts"] < row["ts"]].iloc[-50:]
+        assert row["history"] == prior["item_id"].tolist()
+        assert row["history_like"] == prior["like"].tolist()  # each earlier event's own label
     train_counts = inter[inter["ts"] < cut].groupby("item_id").size()
     pop = dict(zip(s["item_id"].to_pylist(), s["item_pop"].to_pylist()))
     assert all(pop[i] == int(train_counts.get(i, 0)) for i in list(pop)[:500])

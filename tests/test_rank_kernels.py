@@ -102,6 +102,7 @@ def test_negatives_are_items_that_exist_at_the_rows_time_and_are_deterministic()
             "item_id": [10, 11, 13],
             "ts": [150, 150, 250],
             "history": pa.array([[10], [10], [11, 12]], pa.list_(pa.int64())),
+            "history_like": pa.array([[1], [1], [0, 1]], pa.list_(pa.int8())),
         }
     )
     a = negatives(rows, 3, 7, created, ids)
@@ -111,7 +112,7 @@ def test_negatives_are_items_that_exist_at_the_rows_time_and_are_deterministic()
     for item, ts in zip(t["item_id"], t["ts"]):
         assert created[np.searchsorted(ids, item)] <= ts
     assert set(t["click"]) == {0} and set(t["like"]) == {0}
-    assert t["history"][-1] == [11, 12]
+    assert t["history"][-1] == [11, 12] and t["history_like"][-1] == [0, 1]
     assert t["item_id"][:3] != t["item_id"][3:6]  # same user and time, different real item: other draws
 
 
@@ -122,6 +123,7 @@ def _batch(users, items, hists, sampled):
             "user_id": pa.array(users, pa.int64()),
             "item_id": pa.array(items, pa.int64()),
             "history": pa.array(hists, pa.list_(pa.int64())),
+            "history_like": pa.array([[i % 2 for i in range(len(h))] for h in hists], pa.list_(pa.int8())),
             "click": pa.array([1] * n, pa.int8()),
             "like": pa.array([1] * n, pa.int8()),
             "sampled": pa.array(sampled, pa.int8()),
@@ -145,6 +147,7 @@ def test_featurize_dedups_items_falls_back_for_items_without_codes_and_masks_sam
     row99 = int(f["target_pos"][1])
     assert int(f["rq_l0"][row99]) == PAD and int(f["rq_p2"][row99]) == PAD and (f["vq"][row99] == PAD).all()
     assert f["hist_mask"].tolist() == [[True, True], [False, False]]
+    assert f["hist_like"].tolist() == [[1, 2], [0, 0]]  # not liked, liked; padding
     assert f["label_mask"].tolist() == [[True, True], [True, False]]  # a sampled row: click only
 
 

@@ -136,6 +136,7 @@ SAMPLES = TableSpec(
         ("ts", pa.int64()),
         *_LABELS,
         ("history", pa.list_(pa.int64())),
+        ("history_like", pa.list_(pa.int8())),
         ("split", pa.string()),
         ("sampled", pa.int8()),
         ("item_pop", pa.int64()),
@@ -144,7 +145,8 @@ SAMPLES = TableSpec(
     key=("user_id", "item_id", "ts"),
     labels=(*TASKS, "sampled"),
     refs=(("item_id", "items"),),
-    doc="Ranker input: labels, the user's prior items (oldest first), split in {train, eval}; sampled = 1 "
+    doc="Ranker input: labels, the user's prior items (oldest first) and their like labels, split in "
+    "{train, eval}; sampled = 1 "
     "for a sampled negative; item_pop / user_pop = the item's / the user's interactions in the train "
     "window (0: a cold-start item / a user new in the evaluation window).",
 )

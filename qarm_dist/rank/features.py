@@ -76,16 +76,16 @@ class FeatureSpec:
     exposure_task: str = "click"  # the only task sampled negatives carry a label for
 
 
+def _combined(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    return col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+
+
 def featurize(batch: pa.Table, feats: ItemFeatures, spec: FeatureSpec) -> dict[str, Any]:
     """Tensors for one batch of samples (see `qarm_dist.rank.model.Ranker.forward`)."""
     b = batch.num_rows
     user = batch.column("user_id").to_numpy()
     target = batch.column("item_id").to_numpy()
-    hist = (
-        batch.column("history").combine_chunks()
-        if isinstance(batch.column("history"), pa.ChunkedArray)
-        else batch.column("history")
-    )
+    hist = _combined(batch.column("history"))
     lengths = pc.list_value_length(hist).to_numpy(zero_copy_only=False)
     n = max(int(lengths.max()) if b else 0, 1)
     flat = pc.list_flatten(hist).to_numpy()
@@ -97,8 +97,12 @@ def featurize(batch: pa.Table, feats: ItemFeatures, spec: FeatureSpec) -> dict[s
     u = len(uniq)
     hist_pos = np.full((b, n), u, np.int64)  # u = the padding position (a zero row)
     hist_pos[pos] = inverse[b:]
+    # what the user thought of each history item: 0 padding, 1 not liked, 2 liked
+    flag = np.zeros((b, n), np.int64)
+    flag[pos] = pc.list_flatten(_combined(batch.column("history_like"))).to_numpy() + 1
     out: dict[str, Any] = {
         "user": torch.from_numpy(hashed_rows(user, spec.user_rows, 11)),
+        "hist_like": torch.from_numpy(flag),
         "target_pos": torch.from_numpy(inverse[:b].astype(np.int64)),
         "hist_pos": torch.from_numpy(hist_pos),
         "hist_mask": torch.from_numpy(pos),

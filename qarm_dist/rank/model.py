@@ -84,6 +84,7 @@ class RankerSpec:
     tower_hidden: int
     gsu_k: int
     emb_dim: int
+    history_feedback: bool = False  # the like label of each history item (False in specs saved before it)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -140,6 +141,8 @@ class DenseArch(nn.Module):
         self.spec, v, d = spec, spec.v, spec.d_model
         n_in = spec.embedding_dim * (1 + n_codes) + (spec.emb_dim if v.emb else 0)
         self.item_proj = nn.Sequential(nn.Linear(n_in, d), nn.ReLU(), nn.Linear(d, d))
+        # padding / not liked / liked, added to each history item's representation
+        self.feedback = nn.Embedding(3, d) if spec.history_feedback else None
         self.din = DIN(d) if v.din else None
         self.esu = ESU(d) if v.gsu else None
         n_top = spec.embedding_dim + d * (2 + int(v.din) + int(v.gsu))
@@ -158,6 +161,8 @@ class DenseArch(nn.Module):
         rep_h = torch.cat([rep_h, rep_h.new_zeros(1, rep_h.shape[1])])  # the padding position
         t = rep_t[f["target_pos"]]
         hist, mask = rep_h[f["hist_pos"]], f["hist_mask"]
+        if self.feedback is not None:
+            hist = hist + self.feedback(f["hist_like"])
         m = mask.to(hist.dtype)
         mean = (hist * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
         parts = [looked_up["user"], t, mean]

@@ -6,7 +6,8 @@
 - one sample per interaction: user, target item, every task label, and the
   user's last ``samples.history`` items with ``history_event = 1`` *strictly*
   before the sample's time (oldest first), so no sample sees its own or a
-  later event;
+  later event, with ``history_like``, the like label of each of those
+  earlier events (what the user thought of them, known by then);
 - split by the shared time cut (`qarm_dist.data.split`): ``train`` before the
   evaluation window, ``eval`` from it on; items with no train-window
   interaction are the cold-start set;
@@ -44,11 +45,12 @@ from qarm_dist.io.spark import write_dataframe
 
 log = logging.getLogger(__name__)
 
-_HIST_SCHEMA = "user_id long, item_id long, ts long, click byte, like byte, history array<long>"
+_HIST_SCHEMA = "user_id long, item_id long, ts long, click byte, like byte, history array<long>, history_like array<byte>"
 
 
-def prior_items(ts: np.ndarray, event_ts: np.ndarray, event_items: np.ndarray, n: int) -> pa.ListArray:
-    """For each time in ``ts``, the last ``n`` events strictly before it (oldest first).
+def prior_events(ts: np.ndarray, event_ts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each time in ``ts``, the last ``n`` events strictly before it (oldest first), as list offsets
+    and the events' indices into ``event_ts``.
 
     ``event_ts`` must be sorted (ties in any fixed order); vectorised, no loop over rows.
     """
@@ -56,7 +58,12 @@ def prior_items(ts: np.ndarray, event_ts: np.ndarray, event_items: np.ndarray, n
     start = np.maximum(end - n, 0)
     lengths = end - start
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    idx = np.repeat(start - offsets[:-1], lengths) + np.arange(offsets[-1])
+    return offsets, np.repeat(start - offsets[:-1], lengths) + np.arange(offsets[-1])
+
+
+def prior_items(ts: np.ndarray, event_ts: np.ndarray, event_items: np.ndarray, n: int) -> pa.ListArray:
+    """The items of `prior_events`, one list per time in ``ts``."""
+    offsets, idx = prior_events(ts, event_ts, n)
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(event_items[idx], pa.int64()))
 
 
@@ -64,11 +71,17 @@ def _history_fn(n: int, event: str):
     def per_user(t: pa.Table) -> pa.Table:
         ts = t.column("ts").to_numpy()
         items = t.column("item_id").to_numpy()
+        likes = t.column("like").to_numpy()
         is_event = t.column(event).to_numpy() == 1
         order = np.lexsort((items, ts))
         ev = order[is_event[order]]
-        hist = prior_items(ts, ts[ev], items[ev], n)
-        return t.select(["user_id", "item_id", "ts", "click", "like"]).append_column("history", hist)
+        offsets, idx = prior_events(ts, ts[ev], n)
+        off = pa.array(offsets)
+        return (
+            t.select(["user_id", "item_id", "ts", "click", "like"])
+            .append_column("history", pa.ListArray.from_arrays(off, pa.array(items[ev][idx], pa.int64())))
+            .append_column("history_like", pa.ListArray.from_arrays(off, pa.array(likes[ev][idx], pa.int8())))
+        )
 
     return per_user
 
@@ -89,7 +102,7 @@ def negatives(
     available = np.maximum(np.searchsorted(created_sorted, ts, side="right"), 1)
     key = mix64(user, seed) ^ mix64(ts, seed + 1) ^ mix64(real_item, seed + 2) ^ mix64(j, seed + 3)
     pick = (key % available.astype(np.uint64)).astype(np.int64)
-    hist = rows.column("history")
+    hist, hist_like = rows.column("history"), rows.column("history_like")
     take = np.repeat(np.arange(n), k)
     zeros = pa.array(np.zeros(n * k, np.int8))
     return pa.RecordBatch.from_arrays(
@@ -100,8 +113,9 @@ def negatives(
             zeros,
             zeros,
             hist.take(pa.array(take)),
+            hist_like.take(pa.array(take)),
         ],
-        names=["user_id", "item_id", "ts", "click", "like", "history"],
+        names=["user_id", "item_id", "ts", "click", "like", "history", "history_like"],
     )
 
 

@@ -92,6 +92,7 @@ def plan(
             rc.tower_hidden,
             rc.gsu_k,
             rc.emb_dim,
+            rc.history_feedback,
         )
         jobs += [{"variant": name, "seed": s, "spec": spec.to_json()} for s in seeds]
     needs_aligned = any(variant(j["variant"]).needs_aligned for j in jobs)
