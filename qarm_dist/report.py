@@ -254,12 +254,18 @@ def _ranker_md(r: dict[str, Any], plots: Path) -> list[str]:
     plt.close(fig)
     any_row = rows[variants[0]]
     c = any_row["counts"]
+    # None: a run published before user_pop existed did not count its new users
+    new = (
+        "new users not counted"
+        if c["new_users"] is None
+        else f"{c['new_users']} new in the window, with {c['new_user_rows']} rows"
+    )
     lines = [
         "## Ranker ablation",
         "",
         f"Main task `{task}`, evaluated on the evaluation window: {c['rows']} rows, {c['users']} users "
-        f"({c['users_with_both_classes']} with both classes; {c.get('new_users')} new in the window, with "
-        f"{c.get('new_user_rows')} rows), {c['cold_rows']} cold-start rows; "
+        f"({c['users_with_both_classes']} with both classes; {new}), "
+        f"{c['cold_rows']} cold-start rows; "
         f"{r['epochs']} epochs, mean ± std over {any_row['seeds']} seeds (same data, same seeds per variant). "
         "User-level AUC scores every row by its user's mean prediction: the part of the AUC that orders "
         "users, which GAUC leaves out. New users have no interaction in the training window, so their "
@@ -271,7 +277,7 @@ def _ranker_md(r: dict[str, Any], plots: Path) -> list[str]:
     ]
     for v in variants:
         x = rows[v]
-        cells = [f"{x[k]:.4f} ± {x[f'{k}_std']:.4f}" for k in FIGURES]
+        cells = [_mean_pm(x[k], x[f"{k}_std"]) for k in FIGURES]
         lines.append(f"| {v} | " + " | ".join(cells) + " |")
     buckets = list(any_row["auc_by_popularity"])
     lines += [
@@ -290,6 +296,11 @@ def _ranker_md(r: dict[str, Any], plots: Path) -> list[str]:
     if r.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(f"{k} ({why})" for k, why in r["skipped"].items())]
     return [*lines, "", "![ranker ablation](plots/ranker_ablation.png)", ""]
+
+
+def _mean_pm(mean: float, std: float) -> str:
+    """ "mean ± std", or "n/a" where no row had both classes (the figure is NaN on every seed)."""
+    return "n/a" if mean != mean else f"{mean:.4f} ± {std:.4f}"
 
 
 def _tables_md(t: dict[str, dict[str, int]]) -> list[str]:

@@ -16,7 +16,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from qarm_dist.rank.embeddings import EmbeddingBagConfig, EmbeddingTables, sparse_optimizer, sync_sparse_grads
 from qarm_dist.rank.features import PAD, Codes, FeatureSpec, ItemFeatures, featurize
 from qarm_dist.rank.metrics import auc, bucket_names, logloss, task_metrics, uauc_gauc, user_level_auc
-from qarm_dist.rank.samples import negatives, prior_items
+from qarm_dist.rank.samples import negatives, prior_events
 
 
 def test_auc_and_logloss_agree_with_scikit_learn_including_ties():
@@ -86,11 +86,13 @@ def test_task_metrics_split_new_from_returning_users():
     assert m["new_users"] == len(np.unique(users[new])) and m["new_user_rows"] == int(new.sum())
 
 
-def test_prior_items_are_the_last_n_strictly_earlier_events_oldest_first():
+def test_prior_events_are_the_last_n_strictly_earlier_events_oldest_first():
     event_ts = np.array([10, 20, 20, 30, 40])
     event_items = np.array([1, 2, 3, 4, 5])
-    got = prior_items(np.array([5, 20, 31, 100]), event_ts, event_items, n=2).to_pylist()
+    offsets, idx = prior_events(np.array([5, 20, 31, 100]), event_ts, n=2)
+    got = [event_items[idx[a:b]].tolist() for a, b in zip(offsets[:-1], offsets[1:])]
     assert got == [[], [1], [3, 4], [4, 5]]  # ts 20 excludes the events at 20 itself
+    assert offsets.dtype == np.int32 and idx.dtype.kind == "i"
 
 
 def test_negatives_are_items_that_exist_at_the_rows_time_and_are_deterministic():

@@ -45,7 +45,17 @@ from qarm_dist.io.spark import write_dataframe
 
 log = logging.getLogger(__name__)
 
-_HIST_SCHEMA = "user_id long, item_id long, ts long, click byte, like byte, history array<long>, history_like array<byte>"
+_HIST_SCHEMA = ", ".join(
+    [
+        "user_id long",
+        "item_id long",
+        "ts long",
+        "click byte",
+        "like byte",
+        "history array<long>",
+        "history_like array<byte>",
+    ]
+)
 
 
 def prior_events(ts: np.ndarray, event_ts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,12 +69,6 @@ def prior_events(ts: np.ndarray, event_ts: np.ndarray, n: int) -> tuple[np.ndarr
     lengths = end - start
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     return offsets, np.repeat(start - offsets[:-1], lengths) + np.arange(offsets[-1])
-
-
-def prior_items(ts: np.ndarray, event_ts: np.ndarray, event_items: np.ndarray, n: int) -> pa.ListArray:
-    """The items of `prior_events`, one list per time in ``ts``."""
-    offsets, idx = prior_events(ts, event_ts, n)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(event_items[idx], pa.int64()))
 
 
 def _history_fn(n: int, event: str):
@@ -103,7 +107,7 @@ def negatives(
     key = mix64(user, seed) ^ mix64(ts, seed + 1) ^ mix64(real_item, seed + 2) ^ mix64(j, seed + 3)
     pick = (key % available.astype(np.uint64)).astype(np.int64)
     hist, hist_like = rows.column("history"), rows.column("history_like")
-    take = np.repeat(np.arange(n), k)
+    take = pa.array(np.repeat(np.arange(n), k))
     zeros = pa.array(np.zeros(n * k, np.int8))
     return pa.RecordBatch.from_arrays(
         [
@@ -112,8 +116,8 @@ def negatives(
             pa.array(ts),
             zeros,
             zeros,
-            hist.take(pa.array(take)),
-            hist_like.take(pa.array(take)),
+            hist.take(take),
+            hist_like.take(take),
         ],
         names=["user_id", "item_id", "ts", "click", "like", "history", "history_like"],
     )
