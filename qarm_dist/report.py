@@ -299,7 +299,7 @@ def _ranker_md(r: dict[str, Any], plots: Path) -> list[str]:
 
 
 def _mean_pm(mean: float, std: float) -> str:
-    """ "mean ± std", or "n/a" where no row had both classes (the figure is NaN on every seed)."""
+    """A table cell: mean ± std, or n/a where the figure is NaN on every seed (no new users, say)."""
     return "n/a" if mean != mean else f"{mean:.4f} ± {std:.4f}"
 
 
