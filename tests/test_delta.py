@@ -238,6 +238,9 @@ def test_dimension_is_part_of_the_table(root):
     write(t, "item_content_emb", emb_rows(range(3)), "r1", dim=8)
     with pytest.raises(TableError, match="dimension 4, the table's is 8"):
         write(t, "item_content_emb", emb_rows(range(3, 6), dim=4), "r2", dim=4)
+    with pytest.raises(TableError, match="dimension 4, the table's is 8.*new table root") as refused:
+        write(t, "item_content_emb", emb_rows(range(3, 6), dim=4), "r3", dim=4, mode="overwrite")
+    assert "overwrite" not in str(refused.value)  # an overwrite is refused too: never suggest one
     assert t.version("item_content_emb") == 1
 
 

@@ -677,7 +677,8 @@ class Tables:
                     name,
                     table_spec.emb_columns[0],
                     files,
-                    f"have dimension {dim}, the table's is {stored_dim} (write a new table root or overwrite)",
+                    f"have dimension {dim}, the table's is {stored_dim} (its readers were built for that "
+                    "dimension: write the new embeddings under a new table root)",
                 )
         if table_spec.key:
             existing = dt.file_uris() if (dt is not None and mode == "append") else []
