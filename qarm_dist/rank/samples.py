@@ -45,17 +45,18 @@ from qarm_dist.io.spark import write_dataframe
 
 log = logging.getLogger(__name__)
 
-_HIST_SCHEMA = ", ".join(
-    [
-        "user_id long",
-        "item_id long",
-        "ts long",
-        "click byte",
-        "like byte",
-        "history array<long>",
-        "history_like array<byte>",
-    ]
-)
+# An interaction's columns, and those the history kernel emits: SAMPLES' own declarations up to
+# history_like (split, sampled and the popularity counts are added on Spark afterwards).
+_EVENT_COLUMNS = ["user_id", "item_id", "ts", *TASKS]
+_HIST_COLUMNS = [*_EVENT_COLUMNS, "history", "history_like"]
+
+
+def _hist_schema():
+    """The Spark schema of the history kernel's output, taken from the `samples` table spec."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    declared = SAMPLES.schema()
+    return from_arrow_schema(pa.schema([declared.field(c) for c in _HIST_COLUMNS]))
 
 
 def prior_events(ts: np.ndarray, event_ts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +83,7 @@ def _history_fn(n: int, event: str):
         offsets, idx = prior_events(ts, ts[ev], n)
         off = pa.array(offsets)
         return (
-            t.select(["user_id", "item_id", "ts", "click", "like"])
+            t.select(_EVENT_COLUMNS)
             .append_column("history", pa.ListArray.from_arrays(off, pa.array(items[ev][idx], pa.int64())))
             .append_column("history_like", pa.ListArray.from_arrays(off, pa.array(likes[ev][idx], pa.int8())))
         )
@@ -114,12 +115,11 @@ def negatives(
             pa.array(user),
             pa.array(ids_by_created[pick]),
             pa.array(ts),
-            zeros,
-            zeros,
+            *[zeros] * len(TASKS),
             hist.take(take),
             hist_like.take(take),
         ],
-        names=["user_id", "item_id", "ts", "click", "like", "history", "history_like"],
+        names=_HIST_COLUMNS,
     )
 
 
@@ -139,9 +139,9 @@ def check_inputs(spark: SparkSession, tables: Tables) -> DataFrame:
 def build_samples(cfg: QarmConfig, spark: SparkSession, tables: Tables) -> tuple[DataFrame, dict[str, Any]]:
     """The `samples` rows as a DataFrame (lazy) and the job's stats."""
     sc = cfg.samples
-    inter = check_inputs(spark, tables).select("user_id", "item_id", "ts", *TASKS)
+    inter = check_inputs(spark, tables).select(*_EVENT_COLUMNS)
     eval_start = tables_eval_start(tables, cfg.split.eval_fraction)
-    real = inter.groupBy("user_id").applyInArrow(_history_fn(sc.history, sc.history_event), _HIST_SCHEMA)
+    real = inter.groupBy("user_id").applyInArrow(_history_fn(sc.history, sc.history_event), _hist_schema())
     k = sc.negatives
     if k is None:
         k = 1 if inter.filter(F.col("click") == 0).limit(1).count() == 0 else 0
@@ -161,7 +161,7 @@ def build_samples(cfg: QarmConfig, spark: SparkSession, tables: Tables) -> tuple
                 if rb.num_rows:
                     yield negatives(rb, k, seed, c, i)
 
-        drawn = real.mapInArrow(sample, _HIST_SCHEMA)
+        drawn = real.mapInArrow(sample, _hist_schema())
         drawn = drawn.join(real.select("user_id", "item_id", "ts"), ["user_id", "item_id", "ts"], "left_anti")
         drawn = drawn.dropDuplicates(["user_id", "item_id", "ts"])
         rows = rows.unionByName(drawn.withColumn("sampled", F.lit(1).cast("byte")))
