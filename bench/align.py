@@ -3,14 +3,17 @@
 Both train the same residual tower with the same global batch, temperature, logQ
 correction and loss (`qarm_dist.align.loss.info_nce`) on the same train pairs and
 the same cores. The plain loop (`bench/plain.py`) holds the pairs in memory and runs
-one process: with all cores' torch threads alone, then beside the idle local Ray
-the trainer uses (what Ray's own processes cost, apart from Ray Train), and with
-one thread (the peer of one Ray worker on one CPU). Ray Train runs three layouts:
-one worker holding all cores (the plain loop's layout), one worker on one core, and
-one worker per core. Its steady-state pairs/s come from the per-epoch times the
-workers report (epochs after the first), with the share of that time spent waiting
-for Ray Data; its wall time (joins, worker start) is reported apart.
-Prints a JSON line last.
+in this process: with all cores' torch threads and with one thread (the peer of one
+Ray worker on one CPU) before Ray starts, then with all cores beside the idle local
+Ray the trainer uses (what Ray's own processes cost, apart from Ray Train). Ray Train
+runs three layouts: one worker holding all cores (the plain loop's layout), one
+worker on one core, and one worker per core. Its steady-state pairs/s come from the
+per-epoch times the workers report (epochs after the first), with the share of that
+time spent waiting for its batches; its wall time (worker start, the shard's read)
+is reported apart, as is the Ray Data join. Every run repeats ``--repeats`` times,
+interleaved (one plain loop beside Ray, then the three layouts, per round), because a
+two-core machine's run-to-run spread is as wide as the effects measured; figures are
+medians. Prints a JSON line last.
 
     python bench/align.py --world small          # builds world + pairs in a temp root
     python bench/align.py --root qarm-data       # an existing root with item_pairs and item_content_emb
@@ -81,6 +84,7 @@ def main() -> None:
     ap.add_argument("--world", default="small", choices=["tiny", "small"], help="else build this world")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the plain loop")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of every run; figures are medians")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args()
 
@@ -95,38 +99,57 @@ def main() -> None:
     in_memory = plain_pairs(tables)
     ac = cfg.align
     settings = AlignSettings(ac.hidden, ac.lr, ac.weight_decay, ac.temperature, ac.logq, ac.batch_size)
-    torch.set_num_threads(1)  # the peer of one Ray worker with one CPU
-    plain_one_thread = align_loop(in_memory, settings, args.epochs)
-    torch.set_num_threads(args.threads)
-    plain = align_loop(in_memory, settings, args.epochs)
+    plain, plain_one_thread = [], []
+    for _ in range(args.repeats):  # before Ray starts: the machine holds nothing else
+        torch.set_num_threads(1)  # the peer of one Ray worker with one CPU
+        plain_one_thread.append(align_loop(in_memory, settings, args.epochs))
+        torch.set_num_threads(args.threads)
+        plain.append(align_loop(in_memory, settings, args.epochs))
     ray_init(cfg)
-    # the same loop again, now beside the idle local Ray the trainer runs on (its GCS, raylet,
-    # dashboard and their threads share the cores): what Ray's presence costs, apart from Ray Train
-    plain_beside_ray = align_loop(in_memory, settings, args.epochs)
     t0 = time.perf_counter()
     data = load_pairs(tables, "emb", cfg.align.logq, cfg.align.join_partitions)
     load_s = time.perf_counter() - t0
     tag = str(int(time.time()))
     # all cores in one worker (the plain loop's layout), then one core, then one worker per core
     layouts = [(1, args.threads), (1, 1), (args.threads, 1)]
-    runs = [ray_train(cfg, data, w, c, tag) for w, c in layouts]
+    beside_ray, runs = [], {f"{w}x{c}": [] for w, c in layouts}
+    for r in range(args.repeats):
+        # the plain loop again, now beside the idle local Ray the trainer runs on (its GCS, raylet,
+        # dashboard, log monitor and Ray Data's actors share the cores): what Ray's presence costs
+        beside_ray.append(align_loop(in_memory, settings, args.epochs))
+        for w, c in layouts:
+            runs[f"{w}x{c}"].append(ray_train(cfg, data, w, c, f"{tag}-r{r}"))
+    ray = {
+        name: {
+            "pairs_per_s": statistics.median([x["pairs_per_s"] for x in rs]),
+            "runs_pairs_per_s": [x["pairs_per_s"] for x in rs],
+            "share_waiting_for_data": statistics.median([x["share_waiting_for_data"] for x in rs]),
+            "fit_wall_s": statistics.median([x["fit_wall_s"] for x in rs]),
+        }
+        for name, rs in runs.items()
+    }
+    peer = {f"1x{args.threads}": statistics.median(plain), "1x1": statistics.median(plain_one_thread)}
     out = {
         "bench": "align",
         "train_pairs": data.rows,
         "dim": data.dim,
         "batch": cfg.align.batch_size,
         "epochs": args.epochs,
-        "plain_pairs_per_s": plain,
-        "plain_beside_ray_pairs_per_s": plain_beside_ray,
-        "plain_one_thread_pairs_per_s": plain_one_thread,
+        "repeats": args.repeats,
+        "plain_pairs_per_s": peer[f"1x{args.threads}"],
+        "plain_runs": plain,
+        "plain_one_thread_pairs_per_s": peer["1x1"],
+        "plain_one_thread_runs": plain_one_thread,
+        "plain_beside_ray_pairs_per_s": statistics.median(beside_ray),
+        "plain_beside_ray_runs": beside_ray,
         "ray_data_join_s": load_s,
-        "ray": runs,
-        "ratio_ray_vs_plain": {
-            f"{r['workers']}x{r['cpus_per_worker']}": r["pairs_per_s"] / plain for r in runs
-        },
-        "ratio_ray_1x1_vs_plain_one_thread": runs[1]["pairs_per_s"] / plain_one_thread,
+        "ray": ray,
+        # each layout against the plain loop with the same torch threads, no Ray on the machine
+        "ratio_ray_vs_plain": {k: ray[k]["pairs_per_s"] / v for k, v in peer.items()},
+        # against the plain loop of the same round, beside the same idle Ray (median of the rounds)
         "ratio_ray_vs_plain_beside_ray": {
-            f"{r['workers']}x{r['cpus_per_worker']}": r["pairs_per_s"] / plain_beside_ray for r in runs
+            k: statistics.median([x["pairs_per_s"] / p for x, p in zip(rs, beside_ray, strict=True)])
+            for k, rs in runs.items()
         },
     }
     print(json.dumps(out))

@@ -266,7 +266,16 @@ class AlignConfig(_Section):
         description="Models (seeds seed..seed+seeds-1) the evaluation averages over (spread reported).",
     )
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint.")
-    shuffle_buffer: int = Field(4096, ge=0, description="Rows of the local shuffle buffer per worker.")
+    shuffle_buffer: int = Field(
+        4096, ge=0, description="Rows of the local shuffle buffer per worker, when the shard is streamed."
+    )
+    worker_cache_mb: int = Field(
+        1024,
+        ge=0,
+        description="Memory (MiB) a worker may use to hold its shard of pairs (tower mode): a shard that fits "
+        "is read from Ray Data once and every epoch shuffles it in memory; larger shards (and 0) stream "
+        "from Ray Data every epoch.",
+    )
     join_partitions: int = Field(
         0, ge=0, description="Ray Data join partitions; 0 = one per million pairs, at most one per CPU."
     )

@@ -69,6 +69,7 @@ def test_training_resumes_from_the_checkpoint_after_a_killed_worker(world_root, 
     assert [h["epoch"] for h in hist] == [0, 1, 2, 3]  # every epoch once: resumed, not restarted
     assert hist[0]["resumed_from"] is None and all(h["resumed_from"] == 0 for h in hist[1:])
     assert hist[-1]["loss"] < hist[0]["loss"]
+    assert all(h["shard_in_memory"] for h in hist)  # they fit align.worker_cache_mb; resumed workers reload
     assert info.meta["train_pairs"] > 500 and info.meta["tower"]["dim"] == 384
     # the version is the run id: asking again returns the published model, training nothing
     assert train(cfg_for(world_root), "t1").meta == info.meta
@@ -164,6 +165,7 @@ def test_finetuning_the_text_encoder_end_to_end(world_root, tmp_path):
     assert info.meta["tower"]["kind"] == "text" and info.meta["column"] == "text"
     hist = info.meta["history"]
     assert len(hist) == 2 and hist[1]["loss"] < hist[0]["loss"]
+    assert not any(h["shard_in_memory"] for h in hist)  # text is tokenized per batch: streamed every epoch
     result, _ = run_embed(cfg, "ft-embed", "ft")
     t = Tables(root)
     assert result.rows == t.snapshot("items").rows and t.snapshot("item_aligned_emb").dim == 384
