@@ -82,8 +82,9 @@ class ShardCache:
     """A worker's whole shard of pairs in memory, for the residual tower's epochs.
 
     Why: Ray Data's streaming split feeds a worker from threads of its own process and from
-    the split coordinator, beside the step. On a node whose cores the torch threads fill,
-    that slows every step (docs/benchmarks.md, "Alignment training"). A shard that fits in
+    the split coordinator, beside the steps. On a node whose cores the workers fill, they
+    wait for their batches (two one-core workers on two cores: 31 % of the time, against
+    1 % from memory; docs/benchmarks.md, "Alignment training"). A shard that fits in
     ``align.worker_cache_mb`` is read from Ray Data once; every epoch is then a permutation of it
     drawn in memory, as a single-process loop does. The permutation is seeded by the
     epoch, so a run restarted from a checkpoint sees the batches the uninterrupted run saw.
