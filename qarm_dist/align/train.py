@@ -57,9 +57,8 @@ def _logq(batch: pa.Table, col: str, endpoints: int) -> torch.Tensor:
     return torch.from_numpy(log_frequency(counts, endpoints))
 
 
-Step = tuple[
-    Any, torch.Tensor, torch.Tensor | None
-]  # tower input of both sides (a's rows, then b's), ids, logQ
+# a step's inputs: the tower's input of both sides (a's rows, then b's), ids (2, n), logQ (2, n) or None
+Step = tuple[Any, torch.Tensor, torch.Tensor | None]
 
 
 def step_inputs(batch: pa.Table, tower: ResidualTower | TextTower, logq: bool, endpoints: int) -> Step:
@@ -125,13 +124,17 @@ class ShardCache:
             yield self.content[self.rows[:, idx].reshape(-1)], self.ids[:, idx], q
 
 
-def _load_shard(shard: Any, tower: ResidualTower, config: dict[str, Any]) -> ShardCache:
-    """Read the worker's shard once; with several workers, keep the pairs every worker has."""
+def _load_shard(shard: Any, tower: ResidualTower, config: dict[str, Any], device: torch.device) -> ShardCache:
+    """Read the worker's shard once; with several workers, keep the pairs every worker has.
+
+    The count goes through the training process group, so it lives on the training device (NCCL
+    reduces CUDA tensors only).
+    """
     t0 = time.time()
     batches = shard.iter_batches(batch_size=8192, batch_format="pyarrow")
     cache = ShardCache(step_inputs(b, tower, config["logq"], config["endpoints"]) for b in batches)
     if dist.is_available() and dist.is_initialized():
-        pairs = torch.tensor([cache.pairs])
+        pairs = torch.tensor([cache.pairs], device=device)
         dist.all_reduce(pairs, op=dist.ReduceOp.MIN)
         cache.truncate(int(pairs))
     print(
@@ -166,7 +169,7 @@ def train_loop(config: dict[str, Any]) -> None:
     device = next(model.parameters()).device
     shard = ray.train.get_dataset_shard("train")
     per_worker = config["batch_size"] // size
-    cache = _load_shard(shard, tower, config) if config["cache"] else None
+    cache = _load_shard(shard, tower, config, device) if config["cache"] else None
     progress = training.Progress("align", rank, config["batch_size"], config["train_rows"])
     for epoch in range(start, config["epochs"]):
         progress.start(epoch)
@@ -186,7 +189,7 @@ def train_loop(config: dict[str, Any]) -> None:
         model.train()
         t_ready = time.time()
         for x, ids, q in steps_in:
-            t_wait += time.time() - t_ready  # time the worker waited on Ray Data for this batch
+            t_wait += time.time() - t_ready  # time the worker waited for this batch (Ray Data or memory)
             faults.maybe_fail(config["fault"], "align.step", epoch=epoch, step=steps, rank=rank)
             emb = model(x.to(device) if isinstance(x, torch.Tensor) else x)
             n, ids = ids.shape[1], ids.to(device)
