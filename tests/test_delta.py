@@ -79,6 +79,21 @@ def test_same_run_id_adds_no_rows(root):
     assert (other.version, other.rows) == (2, 9)
 
 
+def test_a_twin_that_lands_between_the_look_and_the_commit_makes_it_a_skip(root):
+    """Two jobs with one run id race: the loser looked before the winner committed, then checks keys after.
+
+    Its rows then share every key with the winner's, so the key check must not run: the commit step
+    yields the version, and the next look turns the commit into a skip (the race in test_faults).
+    """
+    t, name = Tables(root), "item_content_emb"
+    write(t, name, emb_rows(range(6)), "twin", dim=8)  # the winner
+    staged = [delta.stage(t.uri(name), spec(name), emb_rows(range(6)), "twin", dim=8)]
+    assert t._try_commit(name, staged, "twin", "append", 8, spec(name).schema(8), None) is None
+    loser = t.commit(name, staged, "twin", dim=8)
+    assert (loser.skipped, loser.version, loser.rows) == (True, 1, 6)
+    assert files_in(t, name) == sorted(os.path.basename(f) for f in t.snapshot(name).files)
+
+
 BAD_CASES = [
     # (name, table, dim, rows, column named in the error, bad row count)
     (

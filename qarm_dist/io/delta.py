@@ -588,9 +588,15 @@ class Tables:
         target: pa.Schema,
         info: dict[str, Any] | None,
     ) -> int | None:
-        """Check against the latest version and commit on the next one: its number, or None if taken."""
+        """Check against the latest version and commit on the next one: its number, or None if taken.
+
+        None too when a twin with the same run id committed since `commit` last looked: its rows
+        would fail the key check against this version, and the caller's next look skips instead.
+        """
         table_spec = spec(name)
         dt = self._open(name)
+        if dt is not None and dt.transaction_version(run_id) is not None:
+            return None
         self._check_against(name, files, mode, dim, dt)
         try:
             if dt is None:  # a racing creator makes this fail, rather than commit a second version 0
