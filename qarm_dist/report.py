@@ -324,13 +324,23 @@ _RENDERERS = {
 }
 
 
+def _nan_to_none(value: Any) -> Any:
+    """``value`` with every float NaN (an AUC over a group with one class, say) replaced by None."""
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_to_none(v) for v in value]
+    return None if isinstance(value, float) and value != value else value
+
+
 def write_report(report: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
     """Write report.json and report.md (with plots/) into ``out_dir``."""
     out = Path(out_dir)
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out / "report.json", out / "report.md"
-    json_path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
+    # strict JSON (jq, browsers and Spark reject NaN): a figure with nothing to measure is null
+    json_path.write_text(json.dumps(_nan_to_none(report), indent=2, allow_nan=False) + "\n")
     lines = ["# qarm-dist demo report", "", f"run id: `{report.get('run_id', '?')}`", ""]
     for key, section in report.items():
         if key in _RENDERERS:
