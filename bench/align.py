@@ -10,10 +10,12 @@ runs three layouts: one worker holding all cores (the plain loop's layout), one
 worker on one core, and one worker per core. Its steady-state pairs/s come from the
 per-epoch times the workers report (epochs after the first), with the share of that
 time spent waiting for its batches; its wall time (worker start, the shard's read)
-is reported apart, as is the Ray Data join. Every run repeats ``--repeats`` times,
-interleaved (one plain loop beside Ray, then the three layouts, per round), because a
-two-core machine's run-to-run spread is as wide as the effects measured; figures are
-medians. Prints a JSON line last.
+is reported apart, as is the Ray Data join. Every run repeats ``--repeats`` times, and
+each round starts a fresh local Ray (plain loops, Ray, the join, the plain loop beside
+Ray, the three layouts, shut down), because a two-core machine's run-to-run spread is
+as wide as the effects measured: every ratio is taken within a round, and figures are
+medians over rounds with their least and most. Prints a JSON line per round, and the
+summary last.
 
     python bench/align.py --world small          # builds world + pairs in a temp root
     python bench/align.py --root qarm-data       # an existing root with item_pairs and item_content_emb
@@ -30,6 +32,7 @@ import time
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 import torch
 from plain import AlignSettings, PlainPairs, align_loop
 
@@ -77,6 +80,36 @@ def ray_train(cfg, data, workers: int, cpus: int, tag: str) -> dict:
     }
 
 
+def one_round(
+    cfg, tables: Tables, in_memory: PlainPairs, settings: AlignSettings, args, layouts, tag: str
+) -> dict:
+    """One round on a fresh local Ray: the plain loop before Ray starts, then beside it, then Ray Train.
+
+    Starting Ray anew each round puts both sides of every ratio in the same round, so a slow stretch of
+    the machine (their spread is as wide as the effects) moves both.
+    """
+    out: dict = {}
+    torch.set_num_threads(1)  # the peer of one Ray worker with one CPU
+    out["plain_one_thread"] = align_loop(in_memory, settings, args.epochs)
+    torch.set_num_threads(args.threads)
+    out["plain"] = align_loop(in_memory, settings, args.epochs)  # the machine holds nothing else
+    ray_init(cfg)
+    try:
+        t0 = time.perf_counter()
+        data = load_pairs(tables, "emb", cfg.align.logq, cfg.align.join_partitions)
+        out["join_s"], out["train_pairs"], out["dim"] = time.perf_counter() - t0, data.rows, data.dim
+        # the plain loop again, now beside the idle local Ray the trainer runs on (its GCS, raylet,
+        # dashboard, log monitor and Ray Data's actors share the cores): what Ray's presence costs
+        out["plain_beside_ray"] = align_loop(in_memory, settings, args.epochs)
+        for w, c in layouts:
+            run = ray_train(cfg, data, w, c, tag)
+            out[f"{w}x{c}"], out[f"{w}x{c}_waiting"] = run["pairs_per_s"], run["share_waiting_for_data"]
+            out[f"{w}x{c}_wall_s"] = run["fit_wall_s"]
+    finally:
+        ray.shutdown()  # the processes of the Ray this round started, and only those
+    return out
+
+
 def main() -> None:
     set_process_env()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,58 +132,52 @@ def main() -> None:
     in_memory = plain_pairs(tables)
     ac = cfg.align
     settings = AlignSettings(ac.hidden, ac.lr, ac.weight_decay, ac.temperature, ac.logq, ac.batch_size)
-    plain, plain_one_thread = [], []
-    for _ in range(args.repeats):  # before Ray starts: the machine holds nothing else
-        torch.set_num_threads(1)  # the peer of one Ray worker with one CPU
-        plain_one_thread.append(align_loop(in_memory, settings, args.epochs))
-        torch.set_num_threads(args.threads)
-        plain.append(align_loop(in_memory, settings, args.epochs))
-    ray_init(cfg)
-    t0 = time.perf_counter()
-    data = load_pairs(tables, "emb", cfg.align.logq, cfg.align.join_partitions)
-    load_s = time.perf_counter() - t0
-    tag = str(int(time.time()))
     # all cores in one worker (the plain loop's layout), then one core, then one worker per core
     layouts = [(1, args.threads), (1, 1), (args.threads, 1)]
-    beside_ray, runs = [], {f"{w}x{c}": [] for w, c in layouts}
-    for r in range(args.repeats):
-        # the plain loop again, now beside the idle local Ray the trainer runs on (its GCS, raylet,
-        # dashboard, log monitor and Ray Data's actors share the cores): what Ray's presence costs
-        beside_ray.append(align_loop(in_memory, settings, args.epochs))
-        for w, c in layouts:
-            runs[f"{w}x{c}"].append(ray_train(cfg, data, w, c, f"{tag}-r{r}"))
-    ray = {
-        name: {
-            "pairs_per_s": statistics.median([x["pairs_per_s"] for x in rs]),
-            "runs_pairs_per_s": [x["pairs_per_s"] for x in rs],
-            "share_waiting_for_data": statistics.median([x["share_waiting_for_data"] for x in rs]),
-            "fit_wall_s": statistics.median([x["fit_wall_s"] for x in rs]),
-        }
-        for name, rs in runs.items()
-    }
+    names = [f"{w}x{c}" for w, c in layouts]
     # each layout's peer: the plain loop with as many torch threads as the layout has cores
-    peer = {f"1x{args.threads}": plain, "1x1": plain_one_thread, f"{args.threads}x1": plain}
+    peers = {names[0]: "plain", names[1]: "plain_one_thread", names[2]: "plain"}
+    rounds: list[dict] = []
+    tag = str(int(time.time()))
+    for r in range(args.repeats):
+        rounds.append(one_round(cfg, tables, in_memory, settings, args, layouts, f"{tag}-r{r}"))
+        print(json.dumps({"round": r, **rounds[-1]}), flush=True)
+
+    def med(key: str) -> float:
+        return statistics.median(x[key] for x in rounds)
+
+    def ratios(num, den) -> dict[str, float]:
+        """Median, least and most of a per-round ratio: both sides from the same round."""
+        v = [num(x) / den(x) for x in rounds]
+        return {"median": statistics.median(v), "min": min(v), "max": max(v)}
+
+    ray = {
+        n: {
+            "pairs_per_s": med(n),
+            "runs_pairs_per_s": [x[n] for x in rounds],
+            "share_waiting_for_data": med(f"{n}_waiting"),
+            "fit_wall_s": med(f"{n}_wall_s"),
+        }
+        for n in names
+    }
     out = {
         "bench": "align",
-        "train_pairs": data.rows,
-        "dim": data.dim,
+        "train_pairs": rounds[0]["train_pairs"],
+        "dim": rounds[0]["dim"],
         "batch": cfg.align.batch_size,
         "epochs": args.epochs,
         "repeats": args.repeats,
-        "plain_pairs_per_s": statistics.median(plain),
-        "plain_runs": plain,
-        "plain_one_thread_pairs_per_s": statistics.median(plain_one_thread),
-        "plain_one_thread_runs": plain_one_thread,
-        "plain_beside_ray_pairs_per_s": statistics.median(beside_ray),
-        "plain_beside_ray_runs": beside_ray,
-        "ray_data_join_s": load_s,
+        **{f"{k}_pairs_per_s": med(k) for k in ("plain", "plain_one_thread", "plain_beside_ray")},
+        **{f"{k}_runs": [x[k] for x in rounds] for k in ("plain", "plain_one_thread", "plain_beside_ray")},
+        "ray_data_join_s": med("join_s"),
         "ray": ray,
-        # each layout against its peer with no Ray on the machine (medians of the rounds)
-        "ratio_ray_vs_plain": {k: ray[k]["pairs_per_s"] / statistics.median(v) for k, v in peer.items()},
+        # what an idle local Ray costs a plain loop on the same cores: the bound of any Ray job here
+        "ratio_plain_beside_ray_vs_plain": ratios(lambda x: x["plain_beside_ray"], lambda x: x["plain"]),
+        # each layout against its peer run just before Ray started, in the same round
+        "ratio_ray_vs_plain": {n: ratios(lambda x, n=n: x[n], lambda x, n=n: x[peers[n]]) for n in names},
         # the layouts holding all cores against the plain loop of the same round, beside the same idle Ray
         "ratio_ray_vs_plain_beside_ray": {
-            k: statistics.median([x["pairs_per_s"] / p for x, p in zip(runs[k], beside_ray, strict=True)])
-            for k in (f"1x{args.threads}", f"{args.threads}x1")
+            n: ratios(lambda x, n=n: x[n], lambda x: x["plain_beside_ray"]) for n in (names[0], names[2])
         },
     }
     print(json.dumps(out))
