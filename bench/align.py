@@ -151,7 +151,7 @@ def main() -> None:
         v = [num(x) / den(x) for x in rounds]
         return {"median": statistics.median(v), "min": min(v), "max": max(v)}
 
-    ray = {
+    layout_runs = {
         n: {
             "pairs_per_s": med(n),
             "runs_pairs_per_s": [x[n] for x in rounds],
@@ -170,7 +170,7 @@ def main() -> None:
         **{f"{k}_pairs_per_s": med(k) for k in ("plain", "plain_one_thread", "plain_beside_ray")},
         **{f"{k}_runs": [x[k] for x in rounds] for k in ("plain", "plain_one_thread", "plain_beside_ray")},
         "ray_data_join_s": med("join_s"),
-        "ray": ray,
+        "ray": layout_runs,
         # what an idle local Ray costs a plain loop on the same cores: the bound of any Ray job here
         "ratio_plain_beside_ray_vs_plain": ratios(lambda x: x["plain_beside_ray"], lambda x: x["plain"]),
         # each layout against its peer run just before Ray started, in the same round
