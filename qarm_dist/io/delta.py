@@ -520,8 +520,7 @@ class Tables:
             ) from None
 
     def committed(self, name: str, run_id: str) -> bool:
-        dt = self._open(name)
-        return dt is not None and dt.transaction_version(run_id) is not None
+        return _has_committed(self._open(name), run_id)
 
     def already_committed(self, name: str, run_id: str) -> CommitResult | None:
         """The table's current state if ``run_id`` already committed to it (so a re-run skips its work)."""
@@ -595,7 +594,7 @@ class Tables:
         """
         table_spec = spec(name)
         dt = self._open(name)
-        if dt is not None and dt.transaction_version(run_id) is not None:
+        if _has_committed(dt, run_id):
             return None
         self._check_against(name, files, mode, dim, dt)
         try:
@@ -811,6 +810,11 @@ class TableWriter:
     def abort(self) -> None:
         self.tables._discard(self.name, self.staged)
         self.staged, self._buf, self._buf_rows = [], [], 0
+
+
+def _has_committed(dt: DeltaTable | None, run_id: str) -> bool:
+    """Whether ``run_id`` committed to the table as of ``dt``'s version (its Delta app transaction)."""
+    return dt is not None and dt.transaction_version(run_id) is not None
 
 
 def _written_elsewhere(dt: DeltaTable, version: int) -> int | None:
